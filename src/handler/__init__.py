@@ -1,0 +1,1 @@
+"""queue-worker: drains a multi-tenant PostgreSQL job queue into HTTP functions."""

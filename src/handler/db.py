@@ -1,0 +1,164 @@
+"""Connections to PostgreSQL: libpq-style URLs (and RDS secrets) turned into pg8000 connections.
+
+The password never leaves this module in a message: `ConnectionSettings.__repr__` and
+`describe()` leave it out, and connection errors are re-raised without the URL.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import pg8000.native
+
+from handler.errors import ConfigurationError
+
+_SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+@dataclass(frozen=True)
+class ConnectionSettings:
+    """Where and how to connect. Built from a URL or an RDS secret, never logged whole."""
+
+    host: str | None = None  # a host name, or None with unix_socket set
+    port: int = 5432
+    database: str = "postgres"
+    user: str = "postgres"
+    password: str | None = field(default=None, repr=False)
+    unix_socket: str | None = None  # the socket file's full path
+    sslmode: str = "prefer"
+    sslrootcert: str | None = None
+    connect_timeout: float = 10.0
+    application_name: str = "queue-worker"
+
+    def describe(self) -> str:
+        """Where this connects, without credentials: safe for logs and errors."""
+        where = self.unix_socket or f"{self.host}:{self.port}"
+        return f"{self.user}@{where}/{self.database}"
+
+
+def parse_database_url(url: str, *, variable: str = "DATABASE_URL") -> ConnectionSettings:
+    """Parses the libpq URL forms: postgresql://user:pass@host:port/db?sslmode=…&host=/socket/dir."""
+    try:
+        parts = urlsplit(url.strip())
+        port_in_netloc = parts.port
+    except ValueError as exc:
+        raise ConfigurationError(variable, f"is not a valid URL ({exc})") from None
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise ConfigurationError(
+            variable, "must start with postgresql:// (e.g. postgresql://user:password@host:5432/db)"
+        )
+    query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+    host = unquote(parts.hostname) if parts.hostname else None
+    host = query.pop("host", None) or host
+    port = port_in_netloc or 5432
+    if "port" in query:
+        port = _int_param(query.pop("port"), "port", variable)
+    database = unquote(parts.path.lstrip("/")) or query.pop("dbname", "") or "postgres"
+    user = unquote(parts.username) if parts.username else query.pop("user", "postgres")
+    password = unquote(parts.password) if parts.password is not None else query.pop("password", None)
+    sslmode = query.pop("sslmode", "prefer")
+    if sslmode not in _SSL_MODES:
+        raise ConfigurationError(variable, f"has sslmode={sslmode!r}; use one of {', '.join(_SSL_MODES)}")
+    timeout = _int_param(query.pop("connect_timeout", "10"), "connect_timeout", variable)
+    unix_socket = None
+    if host is None or host.startswith("/"):
+        socket_dir = host or "/var/run/postgresql"
+        unix_socket = f"{socket_dir.rstrip('/')}/.s.PGSQL.{port}"
+        host = None
+    return ConnectionSettings(
+        host=host,
+        port=port,
+        database=database,
+        user=user,
+        password=password or None,
+        unix_socket=unix_socket,
+        sslmode="disable" if unix_socket else sslmode,
+        sslrootcert=query.pop("sslrootcert", None),
+        connect_timeout=float(timeout),
+        application_name=query.pop("application_name", "queue-worker"),
+    )
+
+
+def settings_from_rds_secret(secret: Mapping[str, Any], *, variable: str) -> ConnectionSettings:
+    """The JSON shape RDS and Secrets Manager rotation use: username, password, host, port, dbname."""
+    missing = [key for key in ("username", "password", "host") if not secret.get(key)]
+    if missing:
+        raise ConfigurationError(variable, f"secret lacks {', '.join(missing)} (RDS secret JSON shape)")
+    try:
+        port = int(secret.get("port") or 5432)
+    except (TypeError, ValueError):
+        raise ConfigurationError(variable, "secret has a port that is not a number") from None
+    return ConnectionSettings(
+        host=str(secret["host"]),
+        port=port,
+        database=str(secret.get("dbname") or "postgres"),
+        user=str(secret["username"]),
+        password=str(secret["password"]),
+        # RDS always offers TLS; verify it when the bundle is present in the runtime.
+        sslmode=str(secret.get("sslmode") or "require"),
+    )
+
+
+class DatabaseUnavailableError(RuntimeError):
+    """The database could not be reached. The message names where, never the credentials."""
+
+
+def connect(settings: ConnectionSettings) -> pg8000.native.Connection:
+    """Opens one connection. `prefer`/`allow` try TLS and fall back to plain, as libpq does."""
+    attempts: list[ssl.SSLContext | None]
+    if settings.sslmode == "disable":
+        attempts = [None]
+    elif settings.sslmode in ("allow", "prefer"):
+        attempts = [_ssl_context(settings, verify=False), None]
+    else:
+        attempts = [_ssl_context(settings, verify=settings.sslmode.startswith("verify"))]
+    last: Exception | None = None
+    for context in attempts:
+        try:
+            return pg8000.native.Connection(
+                user=settings.user,
+                password=settings.password,
+                host=settings.host or "localhost",
+                port=settings.port,
+                database=settings.database,
+                unix_sock=settings.unix_socket,
+                ssl_context=context,
+                timeout=settings.connect_timeout,
+                application_name=settings.application_name,
+                tcp_keepalive=True,
+            )
+        except pg8000.native.DatabaseError:
+            raise  # the server answered (bad password, no such database): say so as it is
+        except (OSError, pg8000.native.InterfaceError) as exc:
+            last = exc
+    raise DatabaseUnavailableError(
+        f"cannot connect to PostgreSQL at {settings.describe()}: {_without_secret(last, settings)}"
+    ) from None
+
+
+def _ssl_context(settings: ConnectionSettings, *, verify: bool) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=settings.sslrootcert)
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif settings.sslmode == "verify-ca":
+        context.check_hostname = False
+    return context
+
+
+def _without_secret(exc: Exception | None, settings: ConnectionSettings) -> str:
+    text = str(exc) if exc else "unknown error"
+    if settings.password:
+        text = text.replace(settings.password, "***")
+    return text
+
+
+def _int_param(value: str, name: str, variable: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigurationError(variable, f"has {name}={value!r}, which is not a whole number") from None

@@ -1,0 +1,92 @@
+"""Fixtures shared by every test: a real PostgreSQL, never a mock.
+
+With DATABASE_URL unset, an embedded PostgreSQL starts in a temporary folder for the session;
+with it set, that server is used. Either way the session works in a database of its own, created
+empty, migrated once, and dropped at the end; every test starts from empty tables.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pg8000.native
+import pytest
+
+from handler import db, embedded, migrations
+from handler.store import QueueStore
+
+# Tables emptied before each test (a later migration adds its own here).
+_TABLES = ("queue_jobs", "queue_jobs_dead_letter", "queue_job_dependencies")
+
+
+@pytest.fixture(scope="session")
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The server's URL (its maintenance database)."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        return url
+    return embedded.start(Path(tmp_path_factory.mktemp("pg")) / "pgdata")
+
+
+@pytest.fixture(scope="session")
+def database_url(server_url: str) -> Iterator[str]:
+    """A fresh database for this test session, with every migration applied."""
+    admin_settings = db.parse_database_url(server_url)
+    name = f"queue_worker_test_{uuid.uuid4().hex[:12]}"
+    admin = db.connect(admin_settings)
+    admin.run(f'CREATE DATABASE "{name}"')
+    settings = replace(admin_settings, database=name)
+    conn = db.connect(settings)
+    migrations.migrate(conn)
+    conn.close()
+    yield _url_with_database(server_url, name)
+    admin.run(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = :name AND pid <> pg_backend_pid()",
+        name=name,
+    )
+    admin.run(f'DROP DATABASE IF EXISTS "{name}"')
+    admin.close()
+
+
+def _url_with_database(url: str, name: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture
+def connect(database_url: str) -> Iterator[object]:
+    """Opens extra connections to the test database; closes them after the test."""
+    opened: list[pg8000.native.Connection] = []
+
+    def _connect() -> pg8000.native.Connection:
+        conn = db.connect(db.parse_database_url(database_url))
+        opened.append(conn)
+        return conn
+
+    yield _connect
+    for conn in opened:
+        try:
+            conn.close()
+        except Exception:  # noqa: S110 - a test may have killed it on purpose
+            pass
+
+
+@pytest.fixture
+def conn(database_url: str) -> Iterator[pg8000.native.Connection]:
+    """A connection to an empty queue."""
+    connection = db.connect(db.parse_database_url(database_url))
+    connection.run("TRUNCATE " + ", ".join(_TABLES))
+    yield connection
+    connection.close()
+
+
+@pytest.fixture
+def store(conn: pg8000.native.Connection) -> QueueStore:
+    return QueueStore(conn)

@@ -59,10 +59,14 @@ def parse_database_url(url: str, *, variable: str = "DATABASE_URL") -> Connectio
         port = _int_param(query.pop("port"), "port", variable)
     database = unquote(parts.path.lstrip("/")) or query.pop("dbname", "") or "postgres"
     user = unquote(parts.username) if parts.username else query.pop("user", "postgres")
-    password = unquote(parts.password) if parts.password is not None else query.pop("password", None)
+    password = (
+        unquote(parts.password) if parts.password is not None else query.pop("password", None)
+    )
     sslmode = query.pop("sslmode", "prefer")
     if sslmode not in _SSL_MODES:
-        raise ConfigurationError(variable, f"has sslmode={sslmode!r}; use one of {', '.join(_SSL_MODES)}")
+        raise ConfigurationError(
+            variable, f"has sslmode={sslmode!r}; use one of {', '.join(_SSL_MODES)}"
+        )
     timeout = _int_param(query.pop("connect_timeout", "10"), "connect_timeout", variable)
     unix_socket = None
     if host is None or host.startswith("/"):
@@ -87,7 +91,9 @@ def settings_from_rds_secret(secret: Mapping[str, Any], *, variable: str) -> Con
     """The JSON shape RDS and Secrets Manager rotation use: username, password, host, port, dbname."""
     missing = [key for key in ("username", "password", "host") if not secret.get(key)]
     if missing:
-        raise ConfigurationError(variable, f"secret lacks {', '.join(missing)} (RDS secret JSON shape)")
+        raise ConfigurationError(
+            variable, f"secret lacks {', '.join(missing)} (RDS secret JSON shape)"
+        )
     try:
         port = int(secret.get("port") or 5432)
     except (TypeError, ValueError):
@@ -161,4 +167,6 @@ def _int_param(value: str, name: str, variable: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ConfigurationError(variable, f"has {name}={value!r}, which is not a whole number") from None
+        raise ConfigurationError(
+            variable, f"has {name}={value!r}, which is not a whole number"
+        ) from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,5 +35,9 @@ def start(data_dir: Path | None = None, *, keep_running: bool = False) -> str:
     """
     folder = (data_dir or Path(os.environ.get("QUEUE_WORKER_DATA_DIR", DEFAULT_DATA_DIR))).resolve()
     folder.parent.mkdir(parents=True, exist_ok=True)
-    server = _server_module().get_server(folder, cleanup_mode=None if keep_running else "stop")
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI): harmless here.
+        warnings.simplefilter("ignore")
+        module = _server_module()
+        server = module.get_server(folder, cleanup_mode=None if keep_running else "stop")
     return str(server.get_uri("postgres"))

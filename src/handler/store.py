@@ -147,7 +147,9 @@ class QueueStore:
         )
         return [ClaimedJob(*row) for row in rows]
 
-    def settle(self, worker_id: str | None, settlements: Sequence[Settlement]) -> dict[UUID, SettleResult]:
+    def settle(
+        self, worker_id: str | None, settlements: Sequence[Settlement]
+    ) -> dict[UUID, SettleResult]:
         if not settlements:
             return {}
         rows = self.conn.run(

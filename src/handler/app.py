@@ -1,0 +1,49 @@
+"""The Lambda entry point: decorators, parse the event, run one batch, return the summary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from handler.config import load_settings
+from handler.events import parse_event
+from handler.observability import logger, metrics, tracer
+from handler.worker import Worker, report
+
+_worker: Worker | None = None  # one per container: clients and connections are reused
+
+
+def _get_worker() -> Worker:
+    global _worker  # noqa: PLW0603 - created once per container on purpose
+    if _worker is None:
+        _worker = Worker(load_settings())
+    return _worker
+
+
+@logger.inject_lambda_context(log_event=False, clear_state=True)
+@tracer.capture_lambda_handler(capture_response=False)
+@metrics.log_metrics
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    invocation = parse_event(event)  # a bad event fails here, before any job is touched
+    logger.set_correlation_id(invocation.event_id or context.aws_request_id)
+    logger.info(
+        "Batch starting",
+        extra={
+            "source": invocation.source,
+            "tenant_id": str(invocation.tenant_id) if invocation.tenant_id else None,
+            "scheduled_time": invocation.scheduled_time.isoformat()
+            if invocation.scheduled_time
+            else None,
+            "shard": f"{invocation.shard}/{invocation.shards}",
+        },
+    )
+    worker = _get_worker()  # bad configuration fails here, naming the variable
+    summary, backlog = worker.run(
+        invocation,
+        remaining_seconds=context.get_remaining_time_in_millis() / 1000,
+        request_id=context.aws_request_id,
+        lambda_context=context,
+    )
+    report(summary, backlog)
+    return summary.as_dict()

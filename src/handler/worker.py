@@ -1,0 +1,152 @@
+"""The worker: what lives once per container (event loop, HTTP client, database thread, dispatch
+threads, idempotency store) and one invocation's run through it. The Lambda handler and the
+command line both call `Worker.run`, so a local run takes the same code path as the Lambda.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from aws_lambda_powertools.metrics import MetricUnit
+
+from handler.batch import BatchLimits, BatchRunner, Summary
+from handler.budget import TimeBudget
+from handler.config import Settings
+from handler.database import Database
+from handler.delivery import DeliveryGuard
+from handler.dispatch import Dispatcher
+from handler.events import Invocation
+from handler.idempotency_setup import build_persistence_layer, idempotency_config
+from handler.observability import SERVICE, emit_counts, emit_per_function, logger
+from handler.store import QueueStats
+
+
+@dataclass(frozen=True)
+class Backlog:
+    due_now: int
+    oldest_age_seconds: float
+
+
+class _BudgetContext:
+    """Stands in for the Lambda context outside Lambda: the idempotency store asks it how long
+    an in-progress record may live."""
+
+    def __init__(self, budget: TimeBudget) -> None:
+        self._budget = budget
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int(self._budget.remaining() * 1000))
+
+
+class Worker:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self.database = Database(settings.database_settings)
+        self.dispatch_pool = ThreadPoolExecutor(
+            max_workers=settings.max_concurrency, thread_name_prefix="dispatch"
+        )
+        self._dispatcher: Dispatcher | None = None
+        self._runner: BatchRunner | None = None
+        self._idempotency = idempotency_config() if settings.idempotency_store != "off" else None
+
+    def run(
+        self,
+        invocation: Invocation,
+        *,
+        remaining_seconds: float,
+        request_id: str,
+        lambda_context: Any = None,
+    ) -> tuple[Summary, Backlog]:
+        budget = TimeBudget(remaining_seconds)
+        if self._idempotency is not None:
+            # Before the first idempotent call, so in-progress records expire with this invocation.
+            self._idempotency.register_lambda_context(lambda_context or _BudgetContext(budget))  # type: ignore[arg-type]  # duck-typed: only get_remaining_time_in_millis is read
+        runner = self._get_runner()
+        worker_id = f"{SERVICE}:{request_id}:{uuid.uuid4().hex[:8]}"
+        limits = BatchLimits(
+            max_jobs=self.settings.max_jobs_per_run,
+            max_per_tenant=invocation.max_jobs_per_tenant or self.settings.max_jobs_per_tenant,
+            max_concurrency=self.settings.max_concurrency,
+            http_timeout=self.settings.http_timeout_seconds,
+            lease_seconds=budget.lease_seconds(self.settings.job_lease_seconds),
+            tenant_id=invocation.tenant_id,
+            shard=invocation.shard,
+            shards=invocation.shards,
+        )
+        summary = self.loop.run_until_complete(runner.run(worker_id, limits, budget))
+        due, oldest = self.loop.run_until_complete(
+            self.database.call(lambda store: store.backlog())
+        )
+        backlog = Backlog(due, oldest)
+        summary.duration_ms = budget.elapsed_ms()
+        return summary, backlog
+
+    def stats(self) -> QueueStats:
+        return self.loop.run_until_complete(self.database.call(lambda store: store.stats()))
+
+    def _get_runner(self) -> BatchRunner:
+        key = self.settings.service_role_key_value()  # cached by Powertools Parameters
+        if self._dispatcher is None:
+            self._dispatcher = Dispatcher(
+                self.settings.functions_base_url, key, max_connections=self.settings.max_concurrency
+            )
+        else:
+            self._dispatcher.set_service_role_key(key)
+        if self._runner is None:
+            store = None
+            if self.settings.idempotency_store != "off":
+                store = build_persistence_layer(
+                    self.settings.idempotency_store,
+                    table=self.settings.idempotency_table,
+                    connection_provider=self.database.connect,
+                )
+            guard = DeliveryGuard(self.loop, self._dispatcher, store, self._idempotency)
+            self._runner = BatchRunner(
+                self.database, guard, self.settings.routes, self.dispatch_pool
+            )
+        return self._runner
+
+    def close(self) -> None:
+        if self._dispatcher is not None:
+            self.loop.run_until_complete(self._dispatcher.aclose())
+        self.database.close()
+        self.dispatch_pool.shutdown(wait=False)
+        self.loop.close()
+
+
+def report(summary: Summary, backlog: Backlog) -> None:
+    """The batch's metrics (EMF) and one summary log line."""
+    emit_counts(
+        {
+            "JobsClaimed": summary.claimed,
+            "JobsCompleted": summary.completed,
+            "JobsRetried": summary.retried,
+            "JobsDeadLettered": summary.dead_lettered,
+            "JobsReleased": summary.released,
+            "JobsRescued": summary.rescued,
+            "QueueDepth": backlog.due_now,
+        }
+    )
+    emit_counts({"BatchDuration": summary.duration_ms}, unit=MetricUnit.Milliseconds)
+    emit_counts({"OldestJobAgeSeconds": backlog.oldest_age_seconds}, unit=MetricUnit.Seconds)
+    emit_per_function(summary.latency_ms, summary.responses)
+    logger.info(
+        "Batch finished",
+        extra={
+            "summary": summary.as_dict(),
+            "queue_depth": backlog.due_now,
+            "oldest_job_age_seconds": round(backlog.oldest_age_seconds, 3),
+        },
+    )
+
+
+def local_request_id() -> str:
+    """A request id for runs outside Lambda: host and process, so two runs never share one."""
+    return f"{socket.gethostname()}-{os.getpid()}"

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.idempotency.persistence.base import BasePersistenceLayer
 
 from handler.batch import BatchLimits, BatchRunner, Summary
 from handler.budget import TimeBudget
@@ -54,6 +55,7 @@ class Worker:
         )
         self._dispatcher: Dispatcher | None = None
         self._runner: BatchRunner | None = None
+        self._idempotency_store: BasePersistenceLayer | None = None
         self._idempotency = idempotency_config() if settings.idempotency_store != "off" else None
 
     def run(
@@ -100,14 +102,15 @@ class Worker:
         else:
             self._dispatcher.set_service_role_key(key)
         if self._runner is None:
-            store = None
             if self.settings.idempotency_store != "off":
-                store = build_persistence_layer(
+                self._idempotency_store = build_persistence_layer(
                     self.settings.idempotency_store,
                     table=self.settings.idempotency_table,
                     connection_provider=self.database.connect,
                 )
-            guard = DeliveryGuard(self.loop, self._dispatcher, store, self._idempotency)
+            guard = DeliveryGuard(
+                self.loop, self._dispatcher, self._idempotency_store, self._idempotency
+            )
             self._runner = BatchRunner(
                 self.database, guard, self.settings.routes, self.dispatch_pool
             )
@@ -117,6 +120,9 @@ class Worker:
         if self._dispatcher is not None:
             self.loop.run_until_complete(self._dispatcher.aclose())
         self.database.close()
+        close_store = getattr(self._idempotency_store, "close", None)
+        if close_store is not None:
+            close_store()
         self.dispatch_pool.shutdown(wait=False)
         self.loop.close()
 

@@ -1,0 +1,109 @@
+"""End-to-end fixtures: the real worker, a real PostgreSQL, and the stand-in functions (a real
+HTTP server in its own process)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pg8000.native
+import pytest
+
+from handler.batch import Summary
+from handler.config import Settings, parse_settings
+from handler.events import parse_event
+from handler.standin import StandIn
+from handler.store import QueueStore
+from handler.worker import Backlog, Worker
+
+SERVICE_ROLE_KEY = "test-service-role-key-5f1c9b"
+
+RunBatch = Callable[..., tuple[Summary, Backlog]]
+
+
+@pytest.fixture(scope="session")
+def standin_server() -> Iterator[StandIn]:
+    with StandIn() as server:
+        yield server
+
+
+@pytest.fixture
+def standin(standin_server: StandIn) -> StandIn:
+    standin_server.reset()
+    return standin_server
+
+
+@pytest.fixture
+def worker_env(database_url: str, standin: StandIn) -> dict[str, str]:
+    """The environment a deployed worker would have, pointed at the test database and stand-in."""
+    return {
+        "DATABASE_URL": database_url,
+        "FUNCTIONS_BASE_URL": standin.base_url,
+        "SUPABASE_SERVICE_ROLE_KEY": SERVICE_ROLE_KEY,
+        "MAX_JOBS_PER_TENANT": "1000",
+        "IDEMPOTENCY_STORE": "postgres",
+        "HTTP_TIMEOUT_SECONDS": "5",
+    }
+
+
+@pytest.fixture
+def make_worker(worker_env: dict[str, str]) -> Iterator[Callable[..., Worker]]:
+    workers: list[Worker] = []
+
+    def _make(**overrides: str) -> Worker:
+        worker = Worker(settings_for(worker_env, **overrides))
+        workers.append(worker)
+        return worker
+
+    yield _make
+    for worker in workers:
+        worker.close()
+
+
+@pytest.fixture
+def run_batch(make_worker: Callable[..., Worker]) -> RunBatch:
+    """Runs one batch on a new worker: run_batch(event={}, remaining=30, **env overrides)."""
+
+    def _run(
+        event: dict[str, Any] | None = None, remaining: float = 30.0, **overrides: str
+    ) -> tuple[Summary, Backlog]:
+        worker = make_worker(**overrides)
+        return worker.run(parse_event(event or {}), remaining_seconds=remaining, request_id="test")
+
+    return _run
+
+
+def settings_for(env: dict[str, str], **overrides: str) -> Settings:
+    return parse_settings(env | {key.upper(): value for key, value in overrides.items()})
+
+
+@pytest.fixture
+def queue(store: QueueStore) -> QueueStore:
+    return store
+
+
+def job_state(conn: pg8000.native.Connection, job_id: object) -> dict[str, Any]:
+    """The job's row in queue_jobs, or in the dead letter table (with "dead": True)."""
+    for table, dead in (("queue_jobs", False), ("queue_jobs_dead_letter", True)):
+        rows = conn.run(
+            f"SELECT status, attempts, last_error, errors, scheduled_at, locked_by, "
+            f"{'reason' if dead else 'NULL'} FROM {table} WHERE id = CAST(:id AS uuid)",
+            id=str(job_id),
+        )
+        if rows:
+            status, attempts, last_error, errors, scheduled_at, locked_by, reason = rows[0]
+            return {
+                "dead": dead,
+                "status": status,
+                "attempts": attempts,
+                "last_error": last_error,
+                "errors": errors,
+                "scheduled_at": scheduled_at,
+                "locked_by": locked_by,
+                "reason": reason,
+            }
+    raise AssertionError(f"job {job_id} is nowhere: lost")
+
+
+os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "true")

@@ -46,8 +46,11 @@ def parse_database_url(url: str, *, variable: str = "DATABASE_URL") -> Connectio
     try:
         parts = urlsplit(url.strip())
         port_in_netloc = parts.port
-    except ValueError as exc:
-        raise ConfigurationError(variable, f"is not a valid URL ({exc})") from None
+    except ValueError:
+        # Not the parser's message: it may quote a piece of the password (an unescaped '/').
+        raise ConfigurationError(
+            variable, "is not a valid URL (is a special character in the password not %-escaped?)"
+        ) from None
     if parts.scheme not in ("postgres", "postgresql"):
         raise ConfigurationError(
             variable, "must start with postgresql:// (e.g. postgresql://user:password@host:5432/db)"

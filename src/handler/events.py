@@ -8,8 +8,9 @@ Anything else raises EventError naming the field.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
@@ -25,6 +26,11 @@ _RULE_KEYS = frozenset(
     {"version", "id", "detail-type", "source", "account", "time", "region", "resources", "detail"}
 )
 MAX_SHARDS = 1000
+# The canonical 8-4-4-4-12 form, or the same 32 hex digits without hyphens (as PostgreSQL takes).
+_UUID_TEXT = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|[0-9a-fA-F]{32}",
+    re.ASCII,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +73,9 @@ def _parse_rule_event(event: Mapping[str, Any]) -> Invocation:
     unknown = sorted(set(event) - _RULE_KEYS)
     if unknown:
         raise EventError(unknown[0], "is not a field of an EventBridge event")
-    detail = event.get("detail") or {}
+    detail = event.get("detail")
+    if detail is None:
+        detail = {}
     if not isinstance(detail, Mapping):
         raise EventError("detail", "must be a JSON object")
     unknown = sorted(set(detail) - _DIRECT_KEYS)
@@ -75,16 +83,18 @@ def _parse_rule_event(event: Mapping[str, Any]) -> Invocation:
         raise EventError(
             f"detail.{unknown[0]}", f"is not accepted; detail may carry only {sorted(_DIRECT_KEYS)}"
         )
-    overrides = dict(detail)
-    if "scheduled_time" not in overrides and isinstance(event.get("time"), str):
-        overrides["scheduled_time"] = event["time"]
     event_id = event.get("id")
-    return _parse_overrides(
-        overrides,
+    invocation = _parse_overrides(
+        detail,
         source="rule",
         event_id=event_id if isinstance(event_id, str) else None,
         prefix="detail.",
     )
+    if invocation.scheduled_time is None and event.get("time") is not None:
+        # The rule's own `time` is the scheduled time unless detail names one; a bad one is
+        # reported under its own name, not as a detail field the user never wrote.
+        return replace(invocation, scheduled_time=_timestamp(event["time"], "time"))
+    return invocation
 
 
 def _parse_overrides(
@@ -118,6 +128,9 @@ def _uuid(value: Any, field: str) -> UUID | None:
         return None
     if not isinstance(value, str):
         raise EventError(field, f"must be a uuid string, not {type(value).__name__}")
+    # UUID() alone also takes "urn:uuid:" prefixes, underscores and non-ASCII digits.
+    if not _UUID_TEXT.fullmatch(value):
+        raise EventError(field, f"is not a valid uuid: {value[:64]!r}")
     try:
         return UUID(value)
     except ValueError:

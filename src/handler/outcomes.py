@@ -104,9 +104,13 @@ def parse_retry_after(value: str | None, now: datetime) -> datetime | None:
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
-        delay = timedelta(seconds=min(int(value), int(MAX_RETRY_AFTER.total_seconds())))
-        return now + delay
+    if _DELTA_SECONDS.fullmatch(value):
+        # ASCII digits only (str.isdigit() takes "²", which int() refuses), and no int() of a
+        # 5,000-digit string (refused since Python 3.11): anything past the cap is the cap.
+        digits = value.lstrip("0") or "0"
+        cap = int(MAX_RETRY_AFTER.total_seconds())
+        seconds = cap if len(digits) > len(str(cap)) else min(int(digits), cap)
+        return now + timedelta(seconds=seconds)
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError, OverflowError):
@@ -124,13 +128,16 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
 
 
 _WHITESPACE = re.compile(r"\s+")
+_DELTA_SECONDS = re.compile(r"[0-9]+", re.ASCII)
 
 
 def _excerpt(body: str, secrets: tuple[str, ...]) -> str:
-    text = _WHITESPACE.sub(" ", body).strip()
+    # Scrub before cutting: a secret that straddles the cut would otherwise leave its beginning.
+    # Scrub before and after folding whitespace: folding can make a secret appear.
+    text = _scrub(_WHITESPACE.sub(" ", _scrub(body, secrets)).strip(), secrets)
     if len(text) > BODY_EXCERPT_CHARS:
         text = text[:BODY_EXCERPT_CHARS] + "…"
-    return _scrub(text, secrets) or "(empty body)"
+    return text or "(empty body)"
 
 
 def _scrub(text: str, secrets: tuple[str, ...]) -> str:

@@ -3,16 +3,22 @@ HTTP server in its own process)."""
 
 from __future__ import annotations
 
+import json
 import os
+import time
+import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import pg8000.native
 import pytest
 
+from handler import app, config
 from handler.batch import Summary
 from handler.config import Settings, parse_settings
 from handler.events import parse_event
+from handler.observability import metrics
 from handler.standin import StandIn
 from handler.store import QueueStore
 from handler.worker import Backlog, Worker
@@ -104,6 +110,52 @@ def job_state(conn: pg8000.native.Connection, job_id: object) -> dict[str, Any]:
                 "reason": reason,
             }
     raise AssertionError(f"job {job_id} is nowhere: lost")
+
+
+@dataclass
+class FakeLambdaContext:
+    """The attributes Powertools reads from a Lambda context."""
+
+    timeout_seconds: float = 60.0
+    function_name: str = "queue-worker-test"
+    memory_limit_in_mb: int = 512
+    invoked_function_arn: str = "arn:aws:lambda:eu-west-1:123456789012:function:queue-worker-test"
+    aws_request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    started: float = field(default_factory=time.monotonic)
+
+    def get_remaining_time_in_millis(self) -> int:
+        return int((self.timeout_seconds - (time.monotonic() - self.started)) * 1000)
+
+
+@pytest.fixture
+def lambda_env(
+    worker_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[dict[str, str]]:
+    for key, value in worker_env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("POWERTOOLS_TRACE_DISABLED", "true")
+    config.reset_settings_cache()
+    app._worker = None
+    metrics.clear_metrics()
+    yield worker_env
+    if app._worker is not None:
+        app._worker.close()
+    app._worker = None
+    config.reset_settings_cache()
+    metrics.clear_metrics()
+
+
+def emf_documents(output: str) -> list[dict[str, Any]]:
+    """The EMF documents printed, each metric value as one number (Powertools prints lists)."""
+    documents = []
+    for line in output.splitlines():
+        if line.startswith("{") and '"_aws"' in line:
+            document = json.loads(line)
+            for key, value in document.items():
+                if isinstance(value, list) and len(value) == 1:
+                    document[key] = value[0]
+            documents.append(document)
+    return documents
 
 
 os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "true")

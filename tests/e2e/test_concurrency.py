@@ -15,7 +15,13 @@ from handler.standin import StandIn
 from handler.store import QueueStore
 from handler.worker import Worker
 
-JOB_TYPES = ["ingest_microsoft", "ingest_slack", "process_embeddings", "generate_digest", "prioritize_activities"]
+JOB_TYPES = [
+    "ingest_microsoft",
+    "ingest_slack",
+    "process_embeddings",
+    "generate_digest",
+    "prioritize_activities",
+]
 
 
 def run_at_once(workers: list[Worker]) -> list[object]:
@@ -26,8 +32,10 @@ def run_at_once(workers: list[Worker]) -> list[object]:
     def run(index: int, worker: Worker) -> None:
         barrier.wait()
         try:
-            results[index] = worker.run(parse_event({}), remaining_seconds=60, request_id=f"w{index}")
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            results[index] = worker.run(
+                parse_event({}), remaining_seconds=60, request_id=f"w{index}"
+            )
+        except BaseException as exc:
             results[index] = exc
 
     threads = [threading.Thread(target=run, args=(i, w)) for i, w in enumerate(workers)]
@@ -60,9 +68,13 @@ def test_four_invocations_at_once_over_300_jobs_deliver_each_job_exactly_once(
     assert claimed == completed == len(delivered)
     # The per-tenant cap (10) bounds each batch: 4 batches take at most 4 x 100; drain the rest.
     while conn.run("SELECT count(*) FROM queue_jobs WHERE status = 'pending'")[0][0]:
-        extra = make_worker(max_jobs_per_tenant="10").run(parse_event({}), remaining_seconds=60, request_id="drain")
+        extra = make_worker(max_jobs_per_tenant="10").run(
+            parse_event({}), remaining_seconds=60, request_id="drain"
+        )
         assert extra[0].claimed > 0
     delivered = Counter(r.headers["idempotency-key"] for r in standin.requests())
     assert sorted(delivered) == sorted(str(j) for j in jobs)
     assert set(delivered.values()) == {1}
-    assert conn.run("SELECT status, count(*) FROM queue_jobs GROUP BY status") == [["completed", 300]]
+    assert conn.run("SELECT status, count(*) FROM queue_jobs GROUP BY status") == [
+        ["completed", 300]
+    ]

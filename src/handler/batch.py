@@ -54,6 +54,8 @@ class Summary:
     replayed: int = 0  # completed from the idempotency record, without a second call
     duration_ms: int = 0
     settle_statements: int = 0
+    fan_out_copies: int = 0  # asynchronous copies this run started for a large backlog
+    pruned: int = 0  # rows of old history deleted by this run's maintenance
     latency_ms: dict[str, list[float]] = field(default_factory=dict, repr=False)
     responses: Counter[tuple[str, str]] = field(default_factory=Counter, repr=False)
 

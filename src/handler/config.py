@@ -41,6 +41,7 @@ class Settings:
     idempotency_store: IdempotencyStoreKind = "postgres"
     idempotency_table: str | None = None
     fan_out_max: int = 0  # asynchronous copies a scheduled run may start for a large backlog
+    reserved_concurrency: int | None = None  # the function's reserved concurrency, if any
     completed_retention_days: float = 7.0
     dead_letter_retention_days: float = 30.0
 
@@ -112,6 +113,7 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
         idempotency_store=store,  # type: ignore[arg-type]  # checked above
         idempotency_table=table,
         fan_out_max=_int(get, "FAN_OUT_MAX", 0, low=0, high=1000),
+        reserved_concurrency=_int(get, "RESERVED_CONCURRENCY", 0, low=0, high=100_000) or None,
         completed_retention_days=_float(get, "COMPLETED_RETENTION_DAYS", 7.0, low=0.0, high=3650.0),
         dead_letter_retention_days=_float(
             get, "DEAD_LETTER_RETENTION_DAYS", 30.0, low=0.0, high=3650.0

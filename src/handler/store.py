@@ -292,3 +292,22 @@ class QueueStore:
             " AND (status = 'pending' OR locked_until < now())"
         )[0]
         return int(row[0]), float(row[1])
+
+    # Maintenance ----------------------------------------------------------------------------
+
+    def prune_chunk(
+        self, *, completed_before: datetime, dead_before: datetime, chunk: int = 500
+    ) -> tuple[int, int, int] | None:
+        """Deletes one chunk of old history: (jobs, dead letters, idempotency records), or None
+        when another invocation holds the pruning lock."""
+        rows = self.conn.run(
+            "SELECT jobs_pruned, dead_letters_pruned, idempotency_pruned"
+            " FROM queue_prune(CAST(:completed AS timestamptz), CAST(:dead AS timestamptz), :chunk)",
+            completed=completed_before,
+            dead=dead_before,
+            chunk=chunk,
+        )
+        if not rows:
+            return None
+        jobs, dead, idempotency = rows[0]
+        return int(jobs), int(dead), int(idempotency)

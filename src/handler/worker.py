@@ -9,13 +9,16 @@ import asyncio
 import os
 import socket
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.idempotency.persistence.base import BasePersistenceLayer
 
+from handler import fanout
 from handler.batch import BatchLimits, BatchRunner, Summary
 from handler.budget import TimeBudget
 from handler.config import Settings
@@ -23,9 +26,17 @@ from handler.database import Database
 from handler.delivery import DeliveryGuard
 from handler.dispatch import Dispatcher
 from handler.events import Invocation
+from handler.fanout import FanOutPlan
 from handler.idempotency_setup import build_persistence_layer, idempotency_config
+from handler.maintenance import PruneReport, prune
 from handler.observability import SERVICE, emit_counts, emit_per_function, logger
-from handler.store import QueueStats
+from handler.store import QueueStats, QueueStore
+
+if TYPE_CHECKING:
+    from mypy_boto3_lambda import LambdaClient
+
+T = TypeVar("T")
+MAINTENANCE_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,7 @@ class Worker:
         self._dispatcher: Dispatcher | None = None
         self._runner: BatchRunner | None = None
         self._idempotency_store: BasePersistenceLayer | None = None
+        self._lambda: LambdaClient | None = None
         self._idempotency = idempotency_config() if settings.idempotency_store != "off" else None
 
     def run(
@@ -66,12 +78,16 @@ class Worker:
         request_id: str,
         lambda_context: Any = None,
     ) -> tuple[Summary, Backlog]:
+        """One invocation: fan out if the backlog needs it, one batch, maintenance, the backlog."""
         budget = TimeBudget(remaining_seconds)
         if self._idempotency is not None:
             # Before the first idempotent call, so in-progress records expire with this invocation.
             self._idempotency.register_lambda_context(lambda_context or _BudgetContext(budget))  # type: ignore[arg-type]  # duck-typed: only get_remaining_time_in_millis is read
         runner = self._get_runner()
-        worker_id = f"{SERVICE}:{request_id}:{uuid.uuid4().hex[:8]}"
+        shard, shards = invocation.shard, invocation.shards
+        fan_out = self._fan_out(invocation, lambda_context)
+        if fan_out is not None:
+            shard, shards = fan_out.own_shard, fan_out.shards
         limits = BatchLimits(
             max_jobs=self.settings.max_jobs_per_run,
             max_per_tenant=invocation.max_jobs_per_tenant or self.settings.max_jobs_per_tenant,
@@ -79,16 +95,80 @@ class Worker:
             http_timeout=self.settings.http_timeout_seconds,
             lease_seconds=budget.lease_seconds(self.settings.job_lease_seconds),
             tenant_id=invocation.tenant_id,
-            shard=invocation.shard,
-            shards=invocation.shards,
+            shard=shard,
+            shards=shards,
         )
+        worker_id = f"{SERVICE}:{request_id}:{uuid.uuid4().hex[:8]}"
         summary = self.loop.run_until_complete(runner.run(worker_id, limits, budget))
-        due, oldest = self.loop.run_until_complete(
-            self.database.call(lambda store: store.backlog())
-        )
-        backlog = Backlog(due, oldest)
+        summary.fan_out_copies = len(fan_out.copies) if fan_out else 0
+        summary.pruned = self._maintain(budget).total
+        due, oldest = self._call(lambda store: store.backlog())
         summary.duration_ms = budget.elapsed_ms()
-        return summary, backlog
+        return summary, Backlog(due, oldest)
+
+    def _fan_out(self, invocation: Invocation, lambda_context: Any) -> FanOutPlan | None:
+        """Starts asynchronous copies when the backlog is larger than one batch can take.
+        Only a scheduled, unfiltered run in Lambda fans out; the copies never do."""
+        arn = getattr(lambda_context, "invoked_function_arn", None)
+        if (
+            self.settings.fan_out_max < 1
+            or arn is None
+            or invocation.source == "direct"
+            or invocation.tenant_id is not None
+            or invocation.is_fan_out_copy
+        ):
+            return None
+        due, _ = self._call(lambda store: store.backlog())
+        plan = fanout.plan(
+            due_now=due,
+            per_invocation=self.settings.max_jobs_per_run,
+            fan_out_max=self.settings.fan_out_max,
+            reserved_concurrency=self.settings.reserved_concurrency,
+            minute=(invocation.scheduled_time or datetime.now(UTC)).minute,
+        )
+        if plan.shards == 1:
+            return None
+        try:
+            started = fanout.start_copies(
+                self._lambda_client(), arn, plan, scheduled_time=invocation.scheduled_time
+            )
+        except Exception as exc:
+            logger.error("Fan-out failed", extra={"error": str(exc)})
+            started = []
+        logger.info(
+            "Fanned out",
+            extra={
+                "due_now": due,
+                "shards": plan.shards,
+                "own_shard": plan.own_shard,
+                "started": started,
+            },
+        )
+        return plan
+
+    def _maintain(self, budget: TimeBudget) -> PruneReport:
+        """Prunes old history with the time the batch left over (at most 2 s)."""
+        time_left = budget.remaining() - budget.safety_margin - 1.0
+        if time_left <= 0:
+            return PruneReport()
+        return self._call(
+            lambda store: prune(
+                store,
+                completed_retention=timedelta(days=self.settings.completed_retention_days),
+                dead_letter_retention=timedelta(days=self.settings.dead_letter_retention_days),
+                time_limit_s=min(MAINTENANCE_SECONDS, time_left),
+            )
+        )
+
+    def _call(self, fn: Callable[[QueueStore], T]) -> T:
+        return self.loop.run_until_complete(self.database.call(fn))
+
+    def _lambda_client(self) -> LambdaClient:
+        if self._lambda is None:
+            import boto3  # only the fan-out needs it
+
+            self._lambda = boto3.client("lambda")
+        return self._lambda
 
     def stats(self) -> QueueStats:
         return self.loop.run_until_complete(self.database.call(lambda store: store.stats()))
@@ -137,6 +217,8 @@ def report(summary: Summary, backlog: Backlog) -> None:
             "JobsDeadLettered": summary.dead_lettered,
             "JobsReleased": summary.released,
             "JobsRescued": summary.rescued,
+            "JobsPruned": summary.pruned,
+            "FanOutInvocations": summary.fan_out_copies,
             "QueueDepth": backlog.due_now,
         }
     )

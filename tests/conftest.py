@@ -20,7 +20,13 @@ from handler import db, embedded, migrations
 from handler.store import QueueStore
 
 # Tables emptied before each test (a later migration adds its own here).
-_TABLES = ("queue_jobs", "queue_jobs_dead_letter", "queue_job_dependencies")
+_TABLES = (
+    "queue_jobs",
+    "queue_jobs_dead_letter",
+    "queue_job_dependencies",
+    "queue_idempotency",
+    "queue_schedules",
+)
 
 
 @pytest.fixture(scope="session")

@@ -56,6 +56,7 @@ class Summary:
     settle_statements: int = 0
     fan_out_copies: int = 0  # asynchronous copies this run started for a large backlog
     pruned: int = 0  # rows of old history deleted by this run's maintenance
+    scheduled_jobs_created: int = 0  # jobs this run created from due recurring schedules
     latency_ms: dict[str, list[float]] = field(default_factory=dict, repr=False)
     responses: Counter[tuple[str, str]] = field(default_factory=Counter, repr=False)
 

@@ -14,8 +14,11 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+import pg8000.native
+
 from handler import db, embedded, migrations
 from handler.errors import ConfigurationError, EventError
+from handler.schedules_cli import add_schedule_commands
 from handler.store import QueueStore
 
 
@@ -185,6 +188,12 @@ def _ensure_migrated(settings: db.ConnectionSettings) -> None:
         conn.close()
 
 
+def _migrated_connection() -> pg8000.native.Connection:
+    conn = db.connect(db.parse_database_url(database_url()))
+    migrations.migrate(conn)
+    return conn
+
+
 def _ensure_migrated_conn(store: QueueStore) -> None:
     migrations.migrate(store.conn)
 
@@ -234,6 +243,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--job-type")
     q.add_argument("--limit", type=int, default=1000)
     q.set_defaults(command=cmd_dead_letters_requeue)
+
+    add_schedule_commands(sub, _migrated_connection)
 
     p = sub.add_parser(
         "demo", help="the whole system on an embedded PostgreSQL and stand-in functions"

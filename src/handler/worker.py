@@ -30,6 +30,7 @@ from handler.fanout import FanOutPlan
 from handler.idempotency_setup import build_persistence_layer, idempotency_config
 from handler.maintenance import PruneReport, prune
 from handler.observability import SERVICE, emit_counts, emit_per_function, logger
+from handler.schedules import FireReport, fire_due_schedules
 from handler.store import QueueStats, QueueStore
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 MAINTENANCE_SECONDS = 2.0
+SCHEDULES_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class Worker:
             # Before the first idempotent call, so in-progress records expire with this invocation.
             self._idempotency.register_lambda_context(lambda_context or _BudgetContext(budget))  # type: ignore[arg-type]  # duck-typed: only get_remaining_time_in_millis is read
         runner = self._get_runner()
+        scheduled = self._fire_schedules(budget)
         shard, shards = invocation.shard, invocation.shards
         fan_out = self._fan_out(invocation, lambda_context)
         if fan_out is not None:
@@ -101,10 +104,19 @@ class Worker:
         worker_id = f"{SERVICE}:{request_id}:{uuid.uuid4().hex[:8]}"
         summary = self.loop.run_until_complete(runner.run(worker_id, limits, budget))
         summary.fan_out_copies = len(fan_out.copies) if fan_out else 0
+        summary.scheduled_jobs_created = scheduled.jobs_created
         summary.pruned = self._maintain(budget).total
         due, oldest = self._call(lambda store: store.backlog())
         summary.duration_ms = budget.elapsed_ms()
         return summary, Backlog(due, oldest)
+
+    def _fire_schedules(self, budget: TimeBudget) -> FireReport:
+        """Turns due recurring schedules into jobs before the claim, so they can run at once."""
+        limit = min(SCHEDULES_SECONDS, max(0.0, budget.remaining() / 10))
+        report = self._call(lambda store: fire_due_schedules(store.conn, time_limit_s=limit))
+        if report.errors:
+            logger.error("Some schedules could not fire", extra={"schedules": report.as_dict()})
+        return report
 
     def _fan_out(self, invocation: Invocation, lambda_context: Any) -> FanOutPlan | None:
         """Starts asynchronous copies when the backlog is larger than one batch can take.
@@ -188,9 +200,7 @@ class Worker:
                     table=self.settings.idempotency_table,
                     connection_provider=self.database.connect,
                 )
-            guard = DeliveryGuard(
-                self.loop, self._dispatcher, self._idempotency_store, self._idempotency
-            )
+            guard = DeliveryGuard(self._dispatcher, self._idempotency_store, self._idempotency)
             self._runner = BatchRunner(
                 self.database, guard, self.settings.routes, self.dispatch_pool
             )
@@ -198,7 +208,7 @@ class Worker:
 
     def close(self) -> None:
         if self._dispatcher is not None:
-            self.loop.run_until_complete(self._dispatcher.aclose())
+            self._dispatcher.close()
         self.database.close()
         close_store = getattr(self._idempotency_store, "close", None)
         if close_store is not None:
@@ -218,6 +228,7 @@ def report(summary: Summary, backlog: Backlog) -> None:
             "JobsReleased": summary.released,
             "JobsRescued": summary.rescued,
             "JobsPruned": summary.pruned,
+            "ScheduledJobsCreated": summary.scheduled_jobs_created,
             "FanOutInvocations": summary.fan_out_copies,
             "QueueDepth": backlog.due_now,
         }

@@ -1,16 +1,18 @@
 """One bounded batch: claim, dispatch concurrently within the time budget, settle, summarise.
 
-Plain asyncio and plain Python: no Lambda in here. The database calls go through `Database`
-(a single thread that owns the connection); each delivery through `DeliveryGuard` in a
-dispatch thread; settlement through `Settler`.
+Plain Python, no Lambda in here. The claimed jobs go into one queue that MAX_CONCURRENCY
+dispatch threads ("lanes") drain; each delivery goes through `DeliveryGuard`; outcomes through
+`Settler`, which the batch's own thread flushes while the lanes work. Only that thread talks to
+the queue's database, so one connection serves the whole batch.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections import Counter
+import logging
+import threading
+from collections import Counter, defaultdict, deque
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from uuid import UUID
@@ -20,7 +22,7 @@ from handler.database import Database
 from handler.delivery import DeliveryGuard, DeliveryReport
 from handler.observability import logger, tracer
 from handler.routes import Route
-from handler.settle import Settler
+from handler.settle import SETTLE_INTERVAL_SECONDS, Settler
 from handler.store import ClaimedJob, Settlement
 
 
@@ -82,9 +84,9 @@ class BatchRunner:
             route.function: route.max_in_flight for route in routes.values() if route.max_in_flight
         }
 
-    async def run(self, worker_id: str, limits: BatchLimits, budget: TimeBudget) -> Summary:
+    def run(self, worker_id: str, limits: BatchLimits, budget: TimeBudget) -> Summary:
         summary = Summary(worker_id=worker_id)
-        jobs = await self._db.call(
+        jobs = self._db.call(
             lambda store: store.claim(
                 worker_id,
                 lease_seconds=limits.lease_seconds,
@@ -98,11 +100,11 @@ class BatchRunner:
         summary.claimed = len(jobs)
         summary.rescued = sum(job.rescued for job in jobs)
         if jobs:
-            await self._dispatch_all(worker_id, jobs, limits, budget, summary)
+            self._dispatch_all(worker_id, jobs, limits, budget, summary)
         summary.duration_ms = budget.elapsed_ms()
         return summary
 
-    async def _dispatch_all(
+    def _dispatch_all(
         self,
         worker_id: str,
         jobs: list[ClaimedJob],
@@ -112,22 +114,30 @@ class BatchRunner:
     ) -> None:
         settler = Settler(lambda batch: self._db.call(lambda store: store.settle(worker_id, batch)))
         batch = _Batch(
+            queue=deque(jobs),
             settler=settler,
             budget=budget,
             limits=limits,
-            in_flight=asyncio.Semaphore(limits.max_concurrency),
-            per_function={fn: asyncio.Semaphore(n) for fn, n in self._route_limits.items()},
+            slots={fn: threading.BoundedSemaphore(n) for fn, n in self._route_limits.items()},
             parent=None if tracer.disabled else tracer.provider.get_trace_entity(),  # type: ignore[attr-defined]
             summary=summary,
         )
-        stop = asyncio.Event()
-        flusher = asyncio.create_task(settler.run_periodically(stop))
+        lanes = [
+            self._pool.submit(self._lane, batch)
+            for _ in range(min(limits.max_concurrency, len(jobs)))
+        ]
         try:
-            await asyncio.gather(*(self._process(job, batch) for job in jobs))
+            while True:
+                _, running = wait(
+                    lanes, timeout=SETTLE_INTERVAL_SECONDS, return_when=FIRST_EXCEPTION
+                )
+                if not running:
+                    break
+                settler.flush()
         finally:
-            stop.set()
-            await flusher
-            await settler.flush()
+            settler.flush()
+        for lane in lanes:
+            lane.result()  # a lane's own failure (never a job's: those are settled) surfaces here
         summary.completed = settler.results["completed"]
         summary.retried = settler.results["retry"]
         summary.dead_lettered = settler.results["dead"]
@@ -141,22 +151,41 @@ class BatchRunner:
                 extra={"error": str(failure)},
             )
 
-    async def _process(self, job: ClaimedJob, batch: _Batch) -> None:
+    def _lane(self, batch: _Batch) -> None:
+        """One dispatch thread: takes jobs until none is left."""
+        while True:
+            try:
+                job = batch.queue.popleft()
+            except IndexError:
+                return
+            self._start(job, batch)
+
+    def _start(self, job: ClaimedJob, batch: _Batch) -> None:
         route = self._routes.get(job.job_type)
         if route is None:
             error = f"No route for job type '{job.job_type}'"
-            _log_job("warning", "Job dead-lettered: no route", job, error=error)
+            _log_job(logging.WARNING, "Job dead-lettered: no route", job, error=error)
             batch.settler.add(Settlement(job.id, job.attempt, "dead", error=error))
             return
-        limit = batch.per_function.get(route.function)
-        if limit is not None:
-            async with limit, batch.in_flight:
-                await self._send(job, route, batch)
-        else:
-            async with batch.in_flight:
-                await self._send(job, route, batch)
+        slot = batch.slots.get(route.function)
+        if slot is None:
+            self._send(job, route, batch)
+            return
+        # A function with its own cap: a job that finds every slot taken waits in the function's
+        # queue, and whoever frees a slot (or queued a job) sends what is waiting.
+        waiting = batch.waiting[route.function]
+        waiting.append(job)
+        while waiting and slot.acquire(blocking=False):
+            try:
+                try:
+                    next_job = waiting.popleft()
+                except IndexError:
+                    continue
+                self._send(next_job, route, batch)
+            finally:
+                slot.release()
 
-    async def _send(self, job: ClaimedJob, route: Route, batch: _Batch) -> None:
+    def _send(self, job: ClaimedJob, route: Route, batch: _Batch) -> None:
         if route.function in batch.open_circuits:
             batch.settler.add(Settlement(job.id, job.attempt, "released"))
             return
@@ -164,14 +193,11 @@ class BatchRunner:
         if timeout is None:
             batch.settler.add(Settlement(job.id, job.attempt, "released"))
             return
-        loop = asyncio.get_running_loop()
         try:
-            report = await loop.run_in_executor(
-                self._pool, self._guard.deliver, job, route, timeout, batch.parent
-            )
+            report = self._guard.deliver(job, route, timeout, batch.parent)
         except Exception as exc:
             _log_job(
-                "exception", "Delivery failed unexpectedly; job released", job, error=repr(exc)
+                logging.ERROR, "Delivery failed unexpectedly; job released", job, error=repr(exc)
             )
             batch.settler.add(Settlement(job.id, job.attempt, "released"))
             return
@@ -181,28 +207,36 @@ class BatchRunner:
         self, job: ClaimedJob, route: Route, report: DeliveryReport, batch: _Batch
     ) -> Settlement:
         if report.kind == "replayed":
-            batch.summary.replayed += 1
+            with batch.lock:
+                batch.summary.replayed += 1
             _log_job(
-                "info", "Already delivered (idempotency record): completed without a call", job
+                logging.INFO,
+                "Already delivered (idempotency record): completed without a call",
+                job,
             )
             return Settlement(job.id, job.attempt, "completed")
         if report.kind != "sent" or report.delivery is None:
-            _log_job("warning", "Job released", job, reason=report.kind, error=report.error)
+            _log_job(logging.WARNING, "Job released", job, reason=report.kind, error=report.error)
             return Settlement(job.id, job.attempt, "released", retry_at=report.retry_at)
         outcome = report.delivery.outcome
-        batch.summary.latency_ms.setdefault(route.function, []).append(report.delivery.latency_ms)
-        batch.summary.responses[(route.function, outcome.status_class)] += 1
-        if outcome.opens_circuit and route.function not in batch.open_circuits:
-            batch.open_circuits.add(route.function)
+        with batch.lock:
+            batch.summary.latency_ms.setdefault(route.function, []).append(
+                report.delivery.latency_ms
+            )
+            batch.summary.responses[(route.function, outcome.status_class)] += 1
+            opened = outcome.opens_circuit and route.function not in batch.open_circuits
+            if opened:
+                batch.open_circuits.add(route.function)
+        if opened:
             _log_job(
-                "error",
+                logging.ERROR,
                 "Circuit opened: no more jobs to this function in this batch",
                 job,
                 error=outcome.error,
             )
         if outcome.kind == "completed":
             _log_job(
-                "debug",
+                logging.DEBUG,
                 "Job completed",
                 job,
                 status=outcome.status,
@@ -210,7 +244,7 @@ class BatchRunner:
             )
         else:
             _log_job(
-                "warning",
+                logging.WARNING,
                 "Job not completed",
                 job,
                 outcome=outcome.kind,
@@ -224,19 +258,31 @@ class BatchRunner:
 
 @dataclass
 class _Batch:
-    """The state one batch's tasks share (all on the event loop's thread)."""
+    """What one batch's dispatch threads share."""
 
+    queue: deque[ClaimedJob]
     settler: Settler
     budget: TimeBudget
     limits: BatchLimits
-    in_flight: asyncio.Semaphore
-    per_function: dict[str, asyncio.Semaphore]
-    parent: Any
+    slots: dict[str, threading.BoundedSemaphore]  # per-function caps on calls in flight
+    parent: Any  # the trace entity deliveries nest under (None: tracing off)
     summary: Summary
     open_circuits: set[str] = field(default_factory=set)
+    waiting: defaultdict[str, deque[ClaimedJob]] = field(default_factory=lambda: defaultdict(deque))
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def _log_job(level: str, message: str, job: ClaimedJob, **fields: Any) -> None:
+_LOG_METHODS = {
+    logging.DEBUG: logger.debug,
+    logging.INFO: logger.info,
+    logging.WARNING: logger.warning,
+    logging.ERROR: logger.error,
+}
+
+
+def _log_job(level: int, message: str, job: ClaimedJob, **fields: Any) -> None:
+    if level < logger.log_level:
+        return  # a batch may log a line per job: skip building what nobody reads
     extra = {
         "job_id": str(job.id),
         "tenant_id": str(job.tenant_id),
@@ -244,4 +290,4 @@ def _log_job(level: str, message: str, job: ClaimedJob, **fields: Any) -> None:
         "attempt": job.attempt,
         **{k: v for k, v in fields.items() if v is not None},
     }
-    getattr(logger, level)(message, extra=extra)
+    _LOG_METHODS[level](message, extra=extra, stacklevel=3)

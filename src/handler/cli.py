@@ -6,10 +6,12 @@ With no DATABASE_URL, every command uses the embedded PostgreSQL in `.queue-work
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -41,9 +43,15 @@ def database_url() -> str:
     return os.environ.get("DATABASE_URL") or embedded.start()
 
 
-def _store() -> QueueStore:
+@contextlib.contextmanager
+def _store() -> Iterator[QueueStore]:
+    """A store on a migrated database; its connection is closed when the command is done."""
     conn = db.connect(db.parse_database_url(database_url()))
-    return QueueStore(conn)
+    try:
+        migrations.migrate(conn)
+        yield QueueStore(conn)
+    finally:
+        conn.close()
 
 
 # Commands ---------------------------------------------------------------------------------
@@ -51,7 +59,10 @@ def _store() -> QueueStore:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     conn = db.connect(db.parse_database_url(database_url()))
-    applied = migrations.migrate(conn)
+    try:
+        applied = migrations.migrate(conn)
+    finally:
+        conn.close()
     print(f"applied: {', '.join(applied)}" if applied else "up to date: nothing to apply")
     return 0
 
@@ -65,18 +76,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     env.setdefault("DATABASE_URL", database_url())
     settings = parse_settings(env)
-    event: dict[str, Any] = json.loads(args.event) if args.event else {}
-    if args.tenant:
-        event["tenant_id"] = args.tenant
-    if args.max_jobs:
-        event["max_jobs"] = args.max_jobs
+    event: Any = _event_argument(args.event) if args.event is not None else {}
+    if isinstance(event, dict):  # anything else: parse_event names what is wrong with it
+        # `is not None`: a 0 or an empty tenant is a mistake parse_event names, not "unset".
+        if args.tenant is not None:
+            event["tenant_id"] = args.tenant
+        if args.max_jobs is not None:
+            event["max_jobs"] = args.max_jobs
     invocation = parse_event(event)
     _ensure_migrated(settings.database_settings())
     worker = Worker(settings)
     try:
-        summary, backlog = worker.run(
-            invocation, remaining_seconds=args.budget, request_id=local_request_id()
-        )
+        # stdout carries the summary (and the EMF documents with --metrics); log lines go to
+        # stderr, so that a script can read the summary.
+        with _logs_to_stderr():
+            summary, backlog = worker.run(
+                invocation, remaining_seconds=args.budget, request_id=local_request_id()
+            )
         if args.metrics:
             report(summary, backlog)
     finally:
@@ -86,27 +102,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
-    store = _store()
-    _ensure_migrated_conn(store)
-    payload = json.loads(args.payload)
-    job_id = store.enqueue(
-        UUID(args.tenant),
-        args.job_type,
-        payload,
-        priority=args.priority,
-        scheduled_at=datetime.fromisoformat(args.at) if args.at else None,
-        max_attempts=args.max_attempts,
-        unique_key=args.unique_key,
-        depends_on=[UUID(d) for d in args.depends_on] if args.depends_on else None,
-    )
+    with _store() as store:
+        job_id = store.enqueue(
+            args.tenant,
+            args.job_type,
+            args.payload,
+            priority=args.priority,
+            scheduled_at=args.at,
+            max_attempts=args.max_attempts,
+            unique_key=args.unique_key,
+            depends_on=args.depends_on or None,
+        )
     print(job_id)
     return 0
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    store = _store()
-    _ensure_migrated_conn(store)
-    stats = store.stats()
+    with _store() as store:
+        stats = store.stats()
     print(
         json.dumps(
             {
@@ -123,13 +136,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_dead_letters_list(args: argparse.Namespace) -> int:
-    store = _store()
-    _ensure_migrated_conn(store)
-    rows = store.dead_letters(
-        tenant_id=UUID(args.tenant) if args.tenant else None,
-        job_type=args.job_type,
-        limit=args.limit,
-    )
+    with _store() as store:
+        rows = store.dead_letters(tenant_id=args.tenant, job_type=args.job_type, limit=args.limit)
     for row in rows:
         print(
             json.dumps(
@@ -150,23 +158,25 @@ def cmd_dead_letters_list(args: argparse.Namespace) -> int:
 
 
 def cmd_dead_letters_requeue(args: argparse.Namespace) -> int:
-    store = _store()
-    _ensure_migrated_conn(store)
-    if args.ids:
-        for job_id in args.ids:
-            print(store.requeue_dead_letter(UUID(job_id)))
-        return 0
-    if not args.all:
+    if not args.ids and not args.all:
         print(
             "queue-worker: name job ids, or --all (with optional --tenant/--job-type)",
             file=sys.stderr,
         )
         return 2
-    count = store.requeue_dead_letters(
-        tenant_id=UUID(args.tenant) if args.tenant else None,
-        job_type=args.job_type,
-        limit=args.limit,
-    )
+    with _store() as store:
+        for job_id in args.ids:
+            try:
+                print(store.requeue_dead_letter(job_id))
+            except pg8000.native.DatabaseError as exc:
+                # The SQL function's own message: not a dead letter, or its unique key is taken.
+                print(f"queue-worker: {_server_message(exc)}", file=sys.stderr)
+                return 1
+        if args.ids:
+            return 0
+        count = store.requeue_dead_letters(
+            tenant_id=args.tenant, job_type=args.job_type, limit=args.limit
+        )
     print(f"requeued {count}")
     return 0
 
@@ -194,8 +204,58 @@ def _migrated_connection() -> pg8000.native.Connection:
     return conn
 
 
-def _ensure_migrated_conn(store: QueueStore) -> None:
-    migrations.migrate(store.conn)
+@contextlib.contextmanager
+def _logs_to_stderr() -> Iterator[None]:
+    from handler.observability import logger
+
+    handler = logger.registered_handler
+    if not isinstance(handler, logging.StreamHandler):
+        yield
+        return
+    previous = handler.stream
+    handler.stream = sys.stderr
+    try:
+        yield
+    finally:
+        handler.stream = previous
+
+
+def _server_message(exc: pg8000.native.DatabaseError) -> str:
+    detail = exc.args[0] if exc.args else None
+    return str(detail.get("M", exc)) if isinstance(detail, dict) else str(exc)
+
+
+def _event_argument(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise EventError("(event)", f"is not valid JSON: {exc.msg} at position {exc.pos}") from None
+
+
+def _uuid(text: str) -> UUID:
+    try:
+        return UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a uuid: {text!r}") from None
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(
+            f"not valid JSON ({exc.msg} at position {exc.pos})"
+        ) from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _timestamp(text: str) -> datetime:
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO-8601 time: {text!r}") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -216,14 +276,16 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(command=cmd_run)
 
     p = sub.add_parser("enqueue", help="add a job")
-    p.add_argument("tenant", help="tenant uuid")
+    p.add_argument("tenant", type=_uuid, help="tenant uuid")
     p.add_argument("job_type")
-    p.add_argument("payload", nargs="?", default="{}", help="a JSON object (default {})")
+    p.add_argument(
+        "payload", nargs="?", type=_json_object, default="{}", help="a JSON object (default {})"
+    )
     p.add_argument("--priority", type=int, default=0)
-    p.add_argument("--at", help="ISO-8601 time it becomes due (default now)")
+    p.add_argument("--at", type=_timestamp, help="ISO-8601 time it becomes due (default now)")
     p.add_argument("--max-attempts", type=int, default=5)
     p.add_argument("--unique-key")
-    p.add_argument("--depends-on", nargs="*", metavar="JOB_ID")
+    p.add_argument("--depends-on", type=_uuid, nargs="*", metavar="JOB_ID")
     p.set_defaults(command=cmd_enqueue)
 
     p = sub.add_parser("stats", help="counts by status and job type, backlog, dead letters")
@@ -232,14 +294,14 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dead-letters", help="list or requeue dead letters")
     dead = p.add_subparsers(required=True, metavar="action")
     q = dead.add_parser("list", help="newest first")
-    q.add_argument("--tenant")
+    q.add_argument("--tenant", type=_uuid)
     q.add_argument("--job-type")
     q.add_argument("--limit", type=int, default=50)
     q.set_defaults(command=cmd_dead_letters_list)
     q = dead.add_parser("requeue", help="move back to the queue: ids, or --all with filters")
-    q.add_argument("ids", nargs="*", metavar="JOB_ID")
+    q.add_argument("ids", type=_uuid, nargs="*", metavar="JOB_ID")
     q.add_argument("--all", action="store_true")
-    q.add_argument("--tenant")
+    q.add_argument("--tenant", type=_uuid)
     q.add_argument("--job-type")
     q.add_argument("--limit", type=int, default=1000)
     q.set_defaults(command=cmd_dead_letters_requeue)

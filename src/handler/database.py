@@ -1,18 +1,14 @@
-"""The worker's database access from async code: one thread owns the connection.
+"""The worker's connection to the queue: one pg8000 connection, used by the batch's thread.
 
-pg8000 is synchronous and a connection is not thread-safe, so every queue call runs in a single
-dedicated thread; the event loop keeps dispatching meanwhile. A call that fails because the
-connection broke (a restarted server, a dropped socket) reconnects and is tried once more:
-every queue call is safe to repeat (the settle is fenced by the lease, the claim takes only
-free jobs).
+A call that fails because the connection broke (a restarted server, a dropped socket)
+reconnects and is tried once more: every queue call is safe to repeat (a settle is fenced by
+the lease, a claim takes only free jobs).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import pg8000.native
@@ -38,7 +34,6 @@ def is_connection_lost(exc: BaseException) -> bool:
 class Database:
     def __init__(self, settings_provider: Callable[[], db.ConnectionSettings]) -> None:
         self._settings_provider = settings_provider
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queue-db")
         self._store: QueueStore | None = None
         self.statements = 0  # calls made, for the benchmark's statement count
 
@@ -46,11 +41,7 @@ class Database:
         """A new connection (for other users of the same database, e.g. the idempotency store)."""
         return db.connect(self._settings_provider())
 
-    async def call(self, fn: Callable[[QueueStore], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self.call_sync, fn)
-
-    def call_sync(self, fn: Callable[[QueueStore], T]) -> T:
-        """Runs fn with the store in the calling thread (the CLI's path, and the executor's)."""
+    def call(self, fn: Callable[[QueueStore], T]) -> T:
         self.statements += 1
         try:
             return fn(self._get_store())
@@ -73,4 +64,3 @@ class Database:
 
     def close(self) -> None:
         self._discard()
-        self._executor.shutdown(wait=False)

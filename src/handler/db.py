@@ -10,9 +10,11 @@ import functools
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import pg8000.converters
 import pg8000.native
 
 from handler.errors import ConfigurationError
@@ -130,7 +132,7 @@ def connect(settings: ConnectionSettings) -> pg8000.native.Connection:
     last: Exception | None = None
     for context in attempts:
         try:
-            return pg8000.native.Connection(
+            conn = pg8000.native.Connection(
                 user=settings.user,
                 password=settings.password,
                 host=settings.host or "localhost",
@@ -146,9 +148,26 @@ def connect(settings: ConnectionSettings) -> pg8000.native.Connection:
             raise  # the server answered (bad password, no such database): say so as it is
         except (OSError, pg8000.native.InterfaceError) as exc:
             last = exc
+            continue
+        conn.register_in_adapter(_TIMESTAMPTZ_OID, _timestamptz_in)
+        return conn
     raise DatabaseUnavailableError(
         f"cannot connect to PostgreSQL at {settings.describe()}: {_without_secret(last, settings)}"
     ) from None
+
+
+_TIMESTAMPTZ_OID = 1184
+
+
+def _timestamptz_in(data: str) -> datetime | str:
+    """timestamptz text to datetime: fromisoformat is ~10x faster than pg8000's strptime, which
+    shows in a claim of thousands of jobs. Anything it cannot read (infinity, years past 9999)
+    goes to pg8000's own parser."""
+    try:
+        return datetime.fromisoformat(data)
+    except ValueError:
+        result: datetime | str = pg8000.converters.timestamptz_in(data)
+        return result
 
 
 @functools.cache

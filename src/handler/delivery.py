@@ -172,4 +172,10 @@ def _idempotency_data(job: ClaimedJob) -> dict[str, Any]:
 
 
 def _job_fields(job: ClaimedJob) -> dict[str, Any]:
-    return {"job_id": str(job.id), "tenant_id": str(job.tenant_id), "job_type": job.job_type}
+    """What every log line about a job carries (DESIGN section 7), as batch.py's lines do."""
+    return {
+        "job_id": str(job.id),
+        "tenant_id": str(job.tenant_id),
+        "job_type": job.job_type,
+        "attempt": job.attempt,
+    }

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from handler.observability import logger
+
 if TYPE_CHECKING:
     from mypy_boto3_lambda import LambdaClient
 
@@ -57,17 +59,37 @@ def start_copies(
     *,
     scheduled_time: datetime | None,
 ) -> list[int]:
-    """Invokes one asynchronous copy per shard but our own; returns the shards started."""
+    """Invokes one asynchronous copy per shard but our own; returns the shards started.
+
+    A copy that cannot be started (throttled, refused, a network error) is logged and skipped:
+    it does not stop the copies after it, and the shards already started are still reported.
+    """
     started = []
     for shard in fan_out.copies:
         event: dict[str, Any] = {"shard": shard, "shards": fan_out.shards}
         if scheduled_time is not None:
             event["scheduled_time"] = scheduled_time.isoformat()
-        response = client.invoke(
-            FunctionName=function_arn,
-            InvocationType="Event",
-            Payload=json.dumps(event).encode(),
-        )
+        try:
+            response = client.invoke(
+                FunctionName=function_arn,
+                InvocationType="Event",
+                Payload=json.dumps(event).encode(),
+            )
+        except Exception as exc:  # botocore's errors; imported lazily, like boto3 itself
+            logger.warning(
+                "Fan-out copy not started",
+                extra={"shard": shard, "shards": fan_out.shards, "error": str(exc)},
+            )
+            continue
         if response.get("StatusCode") == 202:
             started.append(shard)
+        else:
+            logger.warning(
+                "Fan-out copy not accepted",
+                extra={
+                    "shard": shard,
+                    "shards": fan_out.shards,
+                    "status": response.get("StatusCode"),
+                },
+            )
     return started

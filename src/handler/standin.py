@@ -52,6 +52,7 @@ import http.client
 import json
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -132,10 +133,10 @@ def _validate(raw: object) -> dict[str, Any]:
     """Check a behaviour; raise _BehaviourError with a readable message when it is wrong."""
     if not isinstance(raw, dict):
         raise _BehaviourError(f"a behaviour must be a JSON object, not {raw!r}")
-    unknown = set(raw) - set(Behaviour.__annotations__)
+    unknown = set(raw) - Behaviour.__optional_keys__
     if unknown:
         raise _BehaviourError(
-            f"unknown behaviour keys {sorted(unknown)}; known: {sorted(Behaviour.__annotations__)}"
+            f"unknown behaviour keys {sorted(unknown)}; known: {sorted(Behaviour.__optional_keys__)}"
         )
     status = raw.get("status", 200)
     if type(status) is not int or not 200 <= status <= 599:
@@ -416,7 +417,13 @@ async def _run(
     host: str, port: int, delay_ms: float, *, record: bool, exit_on_stdin_eof: bool
 ) -> None:
     state = _Server(delay_ms, record=record)
-    server = await asyncio.start_server(state.serve, host, port, backlog=1024)
+    bind = host
+    if host not in ("", "0.0.0.0", "::"):  # noqa: S104 - binding where we were told to
+        # Bind one address only: "localhost" may resolve to 127.0.0.1 and ::1, and with port 0
+        # each would get a different port.
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        bind = str(infos[0][4][0])
+    server = await asyncio.start_server(state.serve, bind, port, backlog=1024)
     bound_port = server.sockets[0].getsockname()[1]
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

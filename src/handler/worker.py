@@ -1,11 +1,10 @@
-"""The worker: what lives once per container (event loop, HTTP client, database thread, dispatch
+"""The worker: what lives once per container (HTTP clients, database connection, dispatch
 threads, idempotency store) and one invocation's run through it. The Lambda handler and the
 command line both call `Worker.run`, so a local run takes the same code path as the Lambda.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import uuid
@@ -61,7 +60,6 @@ class _BudgetContext:
 class Worker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.loop = asyncio.new_event_loop()
         self.database = Database(settings.database_settings)
         self.dispatch_pool = ThreadPoolExecutor(
             max_workers=settings.max_concurrency, thread_name_prefix="dispatch"
@@ -102,7 +100,7 @@ class Worker:
             shards=shards,
         )
         worker_id = f"{SERVICE}:{request_id}:{uuid.uuid4().hex[:8]}"
-        summary = self.loop.run_until_complete(runner.run(worker_id, limits, budget))
+        summary = runner.run(worker_id, limits, budget)
         summary.fan_out_copies = len(fan_out.copies) if fan_out else 0
         summary.scheduled_jobs_created = scheduled.jobs_created
         summary.pruned = self._maintain(budget).total
@@ -173,7 +171,7 @@ class Worker:
         )
 
     def _call(self, fn: Callable[[QueueStore], T]) -> T:
-        return self.loop.run_until_complete(self.database.call(fn))
+        return self.database.call(fn)
 
     def _lambda_client(self) -> LambdaClient:
         if self._lambda is None:
@@ -183,7 +181,7 @@ class Worker:
         return self._lambda
 
     def stats(self) -> QueueStats:
-        return self.loop.run_until_complete(self.database.call(lambda store: store.stats()))
+        return self.database.call(lambda store: store.stats())
 
     def _get_runner(self) -> BatchRunner:
         key = self.settings.service_role_key_value()  # cached by Powertools Parameters
@@ -214,7 +212,6 @@ class Worker:
         if close_store is not None:
             close_store()
         self.dispatch_pool.shutdown(wait=False)
-        self.loop.close()
 
 
 def report(summary: Summary, backlog: Backlog) -> None:

@@ -9,6 +9,8 @@
 --              processing --(fail, retryable, attempts left)--> pending (later)
 --              processing --(release / rate limited: attempt not counted)--> pending
 --              processing --(fail, no retry or attempts exhausted)--> dead letter table
+--              processing --(lease expired, next claim: the attempt counts)--> processing (rescued)
+--              processing --(lease expired during the last attempt, next claim)--> dead letter table
 --              waiting/pending/processing --(cancel)--> cancelled
 --              waiting/pending --(a dependency dead-lettered or cancelled)--> dead letter table
 --              dead letter table --(requeue)--> pending (or waiting)
@@ -16,7 +18,7 @@
 CREATE TABLE queue_jobs (
     id            uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
     tenant_id     uuid        NOT NULL,
-    job_type      text        NOT NULL CONSTRAINT queue_jobs_job_type_not_blank CHECK (btrim(job_type) <> ''),
+    job_type      text        NOT NULL CONSTRAINT queue_jobs_job_type_not_blank CHECK (job_type ~ '\S'),
     payload       jsonb       NOT NULL DEFAULT '{}'::jsonb
                               CONSTRAINT queue_jobs_payload_is_object CHECK (jsonb_typeof(payload) = 'object'),
     status        text        NOT NULL DEFAULT 'pending'
@@ -43,6 +45,10 @@ CREATE TABLE queue_jobs (
 -- in it, so the claim does not slow down as history grows.
 CREATE INDEX queue_jobs_claim_idx ON queue_jobs (tenant_id, priority DESC, scheduled_at)
     WHERE status IN ('pending', 'processing');
+
+-- Expired leases: the claim looks for jobs whose worker stopped during their last attempt on
+-- every call. Without this index that search reads every live job (the whole backlog).
+CREATE INDEX queue_jobs_lease_idx ON queue_jobs (locked_until) WHERE status = 'processing';
 
 -- A unique key is taken while its job is unfinished.
 CREATE UNIQUE INDEX queue_jobs_unique_key_idx ON queue_jobs (tenant_id, unique_key)
@@ -94,9 +100,24 @@ CREATE FUNCTION queue_backoff(p_attempt int, p_jitter double precision DEFAULT r
 RETURNS interval
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
+    -- (1 + jitter) / 2 rather than 0.5 + 0.5 * jitter: a tiny jitter (5e-324) would underflow.
     SELECT make_interval(secs =>
         least(3600.0, 10.0 * power(2.0, least(greatest(p_attempt, 1), 30) - 1))
-        * (0.5 + 0.5 * least(greatest(coalesce(p_jitter, 0.5), 0.0), 1.0)))
+        * (1.0 + least(greatest(coalesce(p_jitter, 0.5), 0.0), 1.0)) / 2.0)
+$$;
+
+-- Deletes the links from jobs that left the queue (dead-lettered or cancelled) to the
+-- dependencies they still waited for: such a job waits for nothing any more, and a requeue links
+-- it again. (A link left behind would make that requeue fail on the primary key.)
+CREATE FUNCTION queue_unlink_jobs(p_ids uuid[])
+RETURNS void
+LANGUAGE sql
+AS $$
+    DELETE FROM queue_job_dependencies d
+    USING (SELECT id, depends_on FROM queue_jobs_dead_letter WHERE id = ANY (p_ids)
+           UNION ALL
+           SELECT id, depends_on FROM queue_jobs WHERE id = ANY (p_ids)) j
+    WHERE d.depends_on = ANY (j.depends_on) AND d.job_id = j.id
 $$;
 
 -- Moves jobs to the dead letter table (deleting them from queue_jobs) and then, in the same
@@ -127,6 +148,7 @@ BEGIN
     )
     SELECT coalesce(array_agg(id), '{}') INTO v_moved FROM inserted;
 
+    PERFORM queue_unlink_jobs(v_moved);
     PERFORM queue_fail_dependents(v_moved);
     RETURN QUERY SELECT unnest(v_moved);
 END;
@@ -166,6 +188,7 @@ BEGIN
             RETURNING id
         )
         SELECT coalesce(array_agg(id), '{}') INTO v_failed FROM inserted;
+        PERFORM queue_unlink_jobs(v_failed);
     END LOOP;
 END;
 $$;
@@ -213,8 +236,11 @@ BEGIN
     IF p_tenant_id IS NULL THEN
         RAISE EXCEPTION 'enqueue_job: p_tenant_id must not be null' USING ERRCODE = 'not_null_violation';
     END IF;
-    IF p_job_type IS NULL OR btrim(p_job_type) = '' THEN
-        RAISE EXCEPTION 'enqueue_job: p_job_type must be a non-empty text' USING ERRCODE = 'not_null_violation';
+    IF p_job_type IS NULL THEN
+        RAISE EXCEPTION 'enqueue_job: p_job_type must not be null' USING ERRCODE = 'not_null_violation';
+    END IF;
+    IF p_job_type !~ '\S' THEN  -- empty, or only white space
+        RAISE EXCEPTION 'enqueue_job: p_job_type must not be blank' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF p_payload IS NULL OR jsonb_typeof(p_payload) <> 'object' THEN
         RAISE EXCEPTION 'enqueue_job: p_payload must be a JSON object, got %', coalesce(jsonb_typeof(p_payload), 'null')
@@ -287,8 +313,9 @@ $$;
 -- rescue of a dead worker's jobs, which counts as an attempt), at most p_max_per_tenant per
 -- tenant and p_max_jobs in all, highest priority first, then oldest scheduled_at, and leases
 -- them to p_worker_id for p_lease_seconds. Tenants may be restricted to one (p_tenant_id) or to
--- one shard of p_shards (by a hash of the tenant id). A job whose lease expired after its last
--- attempt is dead-lettered instead of claimed again.
+-- one shard of p_shards (by a hash of the tenant id). A rescue records the lost attempt in
+-- errors. A job whose lease expired during its last attempt is dead-lettered instead of claimed
+-- again.
 CREATE FUNCTION claim_jobs(
     p_worker_id text,
     p_lease_seconds int DEFAULT 300,
@@ -307,6 +334,8 @@ AS $$
 DECLARE
     v_exhausted uuid[];
     v_reasons text[];
+    v_ids uuid[];
+    v_rescued uuid[];
 BEGIN
     IF p_worker_id IS NULL OR p_worker_id = '' THEN
         RAISE EXCEPTION 'claim_jobs: p_worker_id is required' USING ERRCODE = 'not_null_violation';
@@ -341,7 +370,6 @@ BEGIN
         PERFORM queue_move_to_dead_letter(v_exhausted, v_reasons);
     END IF;
 
-    RETURN QUERY
     WITH RECURSIVE tenants AS (
         -- Distinct tenants with live jobs, read as a skip scan of the claim index.
         (SELECT q.tenant_id FROM queue_jobs q
@@ -353,41 +381,76 @@ BEGIN
                 ORDER BY q.tenant_id LIMIT 1)
         FROM tenants t WHERE t.tenant_id IS NOT NULL
     ), chosen_tenants AS (
-        SELECT t.tenant_id FROM tenants t WHERE t.tenant_id IS NOT NULL
-        UNION ALL
-        SELECT p_tenant_id WHERE p_tenant_id IS NOT NULL
-    ), candidates AS (
-        SELECT c.id, c.priority, c.scheduled_at, c.status
-        FROM chosen_tenants t
+        SELECT s.tenant_id
+        FROM (SELECT t.tenant_id FROM tenants t WHERE t.tenant_id IS NOT NULL
+              UNION ALL
+              SELECT p_tenant_id WHERE p_tenant_id IS NOT NULL) s
+        -- The shard filter comes first: a claim never reads (or locks) another shard's jobs.
+        WHERE p_shards = 1
+           OR (hashtextextended(s.tenant_id::text, 0) & 9223372036854775807) % p_shards = p_shard
+    ), shares AS (
+        -- How many jobs of each tenant this claim takes: the best p_max_per_tenant due jobs of
+        -- each tenant, and the best p_max_jobs of those, read without locking anything ...
+        SELECT best.tenant_id, count(*)::int AS n
+        FROM (SELECT c.tenant_id
+              FROM chosen_tenants t
+              CROSS JOIN LATERAL (
+                  SELECT q.tenant_id, q.priority, q.scheduled_at
+                  FROM queue_jobs q
+                  WHERE q.tenant_id = t.tenant_id
+                    AND q.status IN ('pending', 'processing')
+                    AND q.scheduled_at <= now()
+                    AND (q.status = 'pending' OR (q.locked_until < now() AND q.attempts < q.max_attempts))
+                  ORDER BY q.priority DESC, q.scheduled_at
+                  LIMIT p_max_per_tenant
+              ) c
+              ORDER BY c.priority DESC, c.scheduled_at
+              LIMIT p_max_jobs) best
+        GROUP BY best.tenant_id
+    ), chosen AS (
+        -- ... then each tenant's share is locked, in the same order, skipping the jobs another
+        -- claim holds. A claim locks only the jobs it takes (locking every tenant's candidates
+        -- would hide up to p_max_per_tenant x tenants jobs from concurrent claims), so concurrent
+        -- claims take disjoint jobs without waiting for each other. Under contention a claim may
+        -- take fewer jobs than p_max_jobs; alone, it takes exactly the best ones.
+        SELECT c.id, c.status
+        FROM shares s
         CROSS JOIN LATERAL (
-            SELECT q.id, q.priority, q.scheduled_at, q.status
+            SELECT q.id, q.status
             FROM queue_jobs q
-            WHERE q.tenant_id = t.tenant_id
+            WHERE q.tenant_id = s.tenant_id
               AND q.status IN ('pending', 'processing')
               AND q.scheduled_at <= now()
-              AND (q.status = 'pending' OR q.locked_until < now())
+              AND (q.status = 'pending' OR (q.locked_until < now() AND q.attempts < q.max_attempts))
             ORDER BY q.priority DESC, q.scheduled_at
-            LIMIT p_max_per_tenant
+            LIMIT s.n
             FOR UPDATE SKIP LOCKED
         ) c
-        WHERE p_shards = 1
-           OR (hashtextextended(t.tenant_id::text, 0) & 9223372036854775807) % p_shards = p_shard
-    ), chosen AS (
-        SELECT c.id, c.status = 'processing' AS rescued
-        FROM candidates c
-        ORDER BY c.priority DESC, c.scheduled_at
-        LIMIT p_max_jobs
     )
+    SELECT array_agg(chosen.id), array_agg(chosen.id) FILTER (WHERE chosen.status = 'processing')
+    INTO v_ids, v_rescued
+    FROM chosen;
+
+    -- The jobs are locked; lease them. A statement of its own, by primary key: joined to the
+    -- statement above, the planner cannot tell how few rows it chose and may scan the table.
+    RETURN QUERY
     UPDATE queue_jobs q
     SET status = 'processing',
         attempts = q.attempts + 1,
         locked_until = now() + make_interval(secs => p_lease_seconds),
         locked_by = p_worker_id,
+        -- A rescue ends the attempt whose worker stopped: recorded like any failed attempt.
+        errors = CASE WHEN q.status = 'processing' THEN q.errors || jsonb_build_array(jsonb_build_object(
+                'attempt', q.attempts, 'at', now(), 'status', NULL,
+                'error', format('Lease expired during attempt %s (worker %s stopped)', q.attempts, q.locked_by)))
+            ELSE q.errors END,
+        last_error = CASE WHEN q.status = 'processing'
+            THEN format('Lease expired during attempt %s (worker %s stopped)', q.attempts, q.locked_by)
+            ELSE q.last_error END,
         updated_at = now()
-    FROM chosen
-    WHERE q.id = chosen.id
+    WHERE q.id = ANY (v_ids)
     RETURNING q.id, q.tenant_id, q.job_type, q.payload, q.priority, q.attempts, q.max_attempts,
-              q.scheduled_at, q.locked_until, q.created_at, chosen.rescued;
+              q.scheduled_at, q.locked_until, q.created_at, q.id = ANY (coalesce(v_rescued, '{}'));
 END;
 $$;
 
@@ -397,12 +460,17 @@ CREATE FUNCTION claim_next_job(
     p_lease_seconds int DEFAULT 300,
     p_worker_id text DEFAULT NULL)
 RETURNS SETOF queue_jobs
-LANGUAGE sql
+LANGUAGE plpgsql
 AS $$
-    SELECT q.* FROM queue_jobs q
-    WHERE q.id IN (
-        SELECT c.id FROM claim_jobs(coalesce(p_worker_id, 'claim_next_job'), p_lease_seconds, 1,
-                                    1, p_tenant_id) c)
+DECLARE
+    v_id uuid;
+BEGIN
+    SELECT c.id INTO v_id
+    FROM claim_jobs(coalesce(p_worker_id, 'claim_next_job'), p_lease_seconds, 1, 1, p_tenant_id) c;
+    -- A statement of its own: one statement that claimed and read the row would read it as it
+    -- was before the claim (pending, no lease).
+    RETURN QUERY SELECT q.* FROM queue_jobs q WHERE q.id = v_id;
+END;
 $$;
 
 -- Settles many claimed jobs in one statement. p_outcomes is a JSON array of
@@ -542,7 +610,10 @@ AS $$
 $$;
 
 -- Back from the dead letter table: the same id, pending and due now, attempts reset, its errors
--- history kept. Dependencies still unfinished are waited for again.
+-- history kept. Dependencies that have not completed are waited for again (status 'waiting'):
+-- unfinished ones, and dead-lettered ones too, which may be requeued in turn, in any order (if one
+-- fails again, this job follows it back to the dead letter table). A cancelled dependency can never
+-- complete: the requeue is refused. A dependency found nowhere was completed and pruned.
 CREATE FUNCTION requeue_dead_letter(p_job_id uuid)
 RETURNS uuid
 LANGUAGE plpgsql
@@ -550,6 +621,10 @@ AS $$
 DECLARE
     v_job queue_jobs_dead_letter;
     v_live uuid[];
+    v_seen uuid[];
+    v_dead uuid[];
+    v_back uuid[];
+    v_cancelled uuid;
     v_holder uuid;
 BEGIN
     DELETE FROM queue_jobs_dead_letter WHERE id = p_job_id RETURNING * INTO v_job;
@@ -568,10 +643,31 @@ BEGIN
         END IF;
     END IF;
 
-    SELECT array_agg(id) INTO v_live FROM (
-        SELECT id FROM queue_jobs
-        WHERE id = ANY (v_job.depends_on) AND status IN ('waiting', 'pending', 'processing')
-        FOR SHARE) s;
+    IF v_job.depends_on IS NOT NULL THEN
+        -- FOR SHARE, as in enqueue_job: a dependency that settles concurrently sees the new links.
+        SELECT array_agg(id) FILTER (WHERE status IN ('waiting', 'pending', 'processing')),
+               (array_agg(id) FILTER (WHERE status = 'cancelled'))[1],
+               array_agg(id)
+        INTO v_live, v_cancelled, v_seen
+        FROM (SELECT id, status FROM queue_jobs WHERE id = ANY (v_job.depends_on) FOR SHARE) s;
+        IF v_cancelled IS NOT NULL THEN
+            RAISE EXCEPTION 'requeue_dead_letter: dependency % of job % was cancelled, so the job can never run',
+                v_cancelled, p_job_id USING ERRCODE = 'foreign_key_violation';
+        END IF;
+        -- Each read is a new statement: a dependency dead-lettered meanwhile is found here ...
+        SELECT array_agg(id) INTO v_dead FROM (
+            SELECT id FROM queue_jobs_dead_letter
+            WHERE id = ANY (v_job.depends_on) AND id <> ALL (coalesce(v_seen, '{}'))
+            FOR SHARE) s;
+        -- ... and one requeued meanwhile (found in neither table above) here.
+        SELECT array_agg(id) INTO v_back FROM (
+            SELECT id FROM queue_jobs
+            WHERE id = ANY (v_job.depends_on) AND id <> ALL (coalesce(v_seen, '{}'))
+              AND id <> ALL (coalesce(v_dead, '{}'))
+              AND status IN ('waiting', 'pending', 'processing')
+            FOR SHARE) s;
+        v_live := nullif(coalesce(v_live, '{}') || coalesce(v_dead, '{}') || coalesce(v_back, '{}'), '{}');
+    END IF;
 
     INSERT INTO queue_jobs (id, tenant_id, job_type, payload, status, priority, attempts,
                             max_attempts, scheduled_at, last_error, errors, unique_key, depends_on,
@@ -589,7 +685,8 @@ END;
 $$;
 
 -- Requeues dead letters in bulk (oldest first), filtered by tenant, job type and age.
--- Returns how many were requeued; one whose unique key is taken again is left where it is.
+-- Returns how many were requeued; one whose unique key is taken again, or which depends on a
+-- cancelled job, is left where it is.
 CREATE FUNCTION requeue_dead_letters(
     p_tenant_id uuid DEFAULT NULL,
     p_job_type text DEFAULT NULL,
@@ -613,7 +710,7 @@ BEGIN
         BEGIN
             PERFORM requeue_dead_letter(v_id);
             v_count := v_count + 1;
-        EXCEPTION WHEN unique_violation OR no_data_found THEN
+        EXCEPTION WHEN unique_violation OR no_data_found OR foreign_key_violation THEN
             NULL;
         END;
     END LOOP;
@@ -637,6 +734,7 @@ BEGIN
     IF v_id IS NULL THEN
         RETURN false;
     END IF;
+    PERFORM queue_unlink_jobs(ARRAY[v_id]);
     -- Dependents of a cancelled job cannot run: they follow it to the dead letter table.
     PERFORM queue_fail_dependents(ARRAY[v_id]);
     RETURN true;

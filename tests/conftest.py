@@ -7,7 +7,9 @@ empty, migrated once, and dropped at the end; every test starts from empty table
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -35,7 +37,11 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     url = os.environ.get("DATABASE_URL")
     if url:
         return url
-    return embedded.start(Path(tmp_path_factory.mktemp("pg")) / "pgdata")
+    # Not under pytest's own temporary root: pytest resets that folder's permissions when a
+    # session starts, which would lock the server's system user out of a concurrent session's data.
+    return embedded.start(
+        Path(tempfile.mkdtemp(prefix="queue-worker-test-")) / "pgdata", temporary=True
+    )
 
 
 @pytest.fixture(scope="session")
@@ -78,10 +84,8 @@ def connect(database_url: str) -> Iterator[object]:
 
     yield _connect
     for conn in opened:
-        try:
+        with contextlib.suppress(Exception):  # a test may have killed it on purpose
             conn.close()
-        except Exception:  # noqa: S110 - a test may have killed it on purpose
-            pass
 
 
 @pytest.fixture

@@ -28,10 +28,13 @@ def _server_module() -> Any:
     )
 
 
-def start(data_dir: Path | None = None, *, keep_running: bool = False) -> str:
+def start(
+    data_dir: Path | None = None, *, keep_running: bool = False, temporary: bool = False
+) -> str:
     """Starts (or reuses) the embedded server in data_dir; returns its postgresql:// URL.
 
-    Unless keep_running, the server stops when the last process using it exits.
+    Unless keep_running, the server stops when the last process using it exits; a temporary
+    one is deleted then too.
     """
     folder = (data_dir or Path(os.environ.get("QUEUE_WORKER_DATA_DIR", DEFAULT_DATA_DIR))).resolve()
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -39,5 +42,6 @@ def start(data_dir: Path | None = None, *, keep_running: bool = False) -> str:
         # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI): harmless here.
         warnings.simplefilter("ignore")
         module = _server_module()
-        server = module.get_server(folder, cleanup_mode=None if keep_running else "stop")
+        mode = "delete" if temporary else None if keep_running else "stop"
+        server = module.get_server(folder, cleanup_mode=mode)
     return str(server.get_uri("postgres"))

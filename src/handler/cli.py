@@ -61,9 +61,16 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     conn = db.connect(db.parse_database_url(database_url()))
     try:
         applied = migrations.migrate(conn)
+        changed = migrations.changed_since_applied(conn)
     finally:
         conn.close()
     print(f"applied: {', '.join(applied)}" if applied else "up to date: nothing to apply")
+    if changed:
+        print(
+            f"warning: {', '.join(changed)} changed since applied (not re-run); "
+            "put schema changes in a new migration",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -65,6 +65,18 @@ def migrate(conn: pg8000.native.Connection) -> list[str]:
         conn.run("SELECT pg_advisory_unlock(:key)", key=_LOCK_KEY)
 
 
+def changed_since_applied(conn: pg8000.native.Connection) -> list[str]:
+    """Applied versions whose file no longer matches what was applied (never re-run: a
+    migration is changed by a new one, not by editing an old one)."""
+    exists = conn.run("SELECT to_regclass('queue_worker_migrations') IS NOT NULL")[0][0]
+    if not exists:
+        return []
+    applied = dict(conn.run("SELECT version, checksum FROM queue_worker_migrations"))
+    return [
+        m.version for m in available() if m.version in applied and applied[m.version] != m.checksum
+    ]
+
+
 def pending(conn: pg8000.native.Connection) -> list[str]:
     """Versions not applied yet (all of them on an empty database)."""
     exists = conn.run("SELECT to_regclass('queue_worker_migrations') IS NOT NULL")[0][0]

@@ -86,6 +86,7 @@ class BatchRunner:
 
     def run(self, worker_id: str, limits: BatchLimits, budget: TimeBudget) -> Summary:
         summary = Summary(worker_id=worker_id)
+        parent = _trace_parent()  # before the claim: nothing may fail between claim and dispatch
         jobs = self._db.call(
             lambda store: store.claim(
                 worker_id,
@@ -100,7 +101,7 @@ class BatchRunner:
         summary.claimed = len(jobs)
         summary.rescued = sum(job.rescued for job in jobs)
         if jobs:
-            self._dispatch_all(worker_id, jobs, limits, budget, summary)
+            self._dispatch_all(worker_id, jobs, limits, budget, summary, parent)
         summary.duration_ms = budget.elapsed_ms()
         return summary
 
@@ -111,6 +112,7 @@ class BatchRunner:
         limits: BatchLimits,
         budget: TimeBudget,
         summary: Summary,
+        parent: Any,
     ) -> None:
         settler = Settler(lambda batch: self._db.call(lambda store: store.settle(worker_id, batch)))
         batch = _Batch(
@@ -119,7 +121,7 @@ class BatchRunner:
             budget=budget,
             limits=limits,
             slots={fn: threading.BoundedSemaphore(n) for fn, n in self._route_limits.items()},
-            parent=None if tracer.disabled else tracer.provider.get_trace_entity(),  # type: ignore[attr-defined]
+            parent=parent,
             summary=summary,
         )
         lanes = [
@@ -270,6 +272,16 @@ class _Batch:
     open_circuits: set[str] = field(default_factory=set)
     waiting: defaultdict[str, deque[ClaimedJob]] = field(default_factory=lambda: defaultdict(deque))
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _trace_parent() -> Any:
+    """The trace entity each dispatch's subsegment nests under; None when there is none."""
+    if tracer.disabled:
+        return None
+    try:
+        return tracer.provider.get_trace_entity()  # type: ignore[attr-defined]
+    except Exception:
+        return None
 
 
 _LOG_METHODS = {

@@ -101,7 +101,7 @@ class BatchRunner:
         summary.claimed = len(jobs)
         summary.rescued = sum(job.rescued for job in jobs)
         if jobs:
-            self._dispatch_all(worker_id, jobs, limits, budget, summary, parent)
+            self._dispatch_all(worker_id, jobs, limits, budget, summary, parent=parent)
         summary.duration_ms = budget.elapsed_ms()
         return summary
 
@@ -112,6 +112,7 @@ class BatchRunner:
         limits: BatchLimits,
         budget: TimeBudget,
         summary: Summary,
+        *,
         parent: Any,
     ) -> None:
         settler = Settler(lambda batch: self._db.call(lambda store: store.settle(worker_id, batch)))

@@ -87,8 +87,10 @@ class Worker:
         scheduled = self._fire_schedules(budget)
         shard, shards = invocation.shard, invocation.shards
         fan_out = self._fan_out(invocation, lambda_context)
+        copies_started = 0
         if fan_out is not None:
-            shard, shards = fan_out.own_shard, fan_out.shards
+            plan, copies_started = fan_out
+            shard, shards = plan.own_shard, plan.shards
         limits = BatchLimits(
             max_jobs=self.settings.max_jobs_per_run,
             max_per_tenant=invocation.max_jobs_per_tenant or self.settings.max_jobs_per_tenant,
@@ -101,7 +103,7 @@ class Worker:
         )
         worker_id = f"{SERVICE}:{request_id}:{uuid.uuid4().hex[:8]}"
         summary = runner.run(worker_id, limits, budget)
-        summary.fan_out_copies = len(fan_out.copies) if fan_out else 0
+        summary.fan_out_copies = copies_started
         summary.scheduled_jobs_created = scheduled.jobs_created
         summary.pruned = self._maintain(budget).total
         due, oldest = self._call(lambda store: store.backlog())
@@ -116,7 +118,9 @@ class Worker:
             logger.error("Some schedules could not fire", extra={"schedules": report.as_dict()})
         return report
 
-    def _fan_out(self, invocation: Invocation, lambda_context: Any) -> FanOutPlan | None:
+    def _fan_out(
+        self, invocation: Invocation, lambda_context: Any
+    ) -> tuple[FanOutPlan, int] | None:
         """Starts asynchronous copies when the backlog is larger than one batch can take.
         Only a scheduled, unfiltered run in Lambda fans out; the copies never do."""
         arn = getattr(lambda_context, "invoked_function_arn", None)
@@ -154,13 +158,21 @@ class Worker:
                 "started": started,
             },
         )
-        return plan
+        return plan, len(started)
 
     def _maintain(self, budget: TimeBudget) -> PruneReport:
-        """Prunes old history with the time the batch left over (at most 2 s)."""
+        """Prunes old history with the time the batch left over (at most 2 s). A failure here
+        is logged, not raised: the batch before it has been settled and its summary stands."""
         time_left = budget.remaining() - budget.safety_margin - 1.0
         if time_left <= 0:
             return PruneReport()
+        try:
+            return self._prune(time_left)
+        except Exception as exc:
+            logger.error("Maintenance failed", extra={"error": str(exc)})
+            return PruneReport()
+
+    def _prune(self, time_left: float) -> PruneReport:
         return self._call(
             lambda store: prune(
                 store,

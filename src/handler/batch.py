@@ -80,9 +80,12 @@ class BatchRunner:
         self._guard = guard
         self._routes = routes
         self._pool = dispatch_pool
-        self._route_limits = {
-            route.function: route.max_in_flight for route in routes.values() if route.max_in_flight
-        }
+        # A function's cap; two job types routed to one function share it (the lower one wins).
+        self._route_limits: dict[str, int] = {}
+        for route in routes.values():
+            if route.max_in_flight:
+                known = self._route_limits.get(route.function, route.max_in_flight)
+                self._route_limits[route.function] = min(known, route.max_in_flight)
 
     def run(self, worker_id: str, limits: BatchLimits, budget: TimeBudget) -> Summary:
         summary = Summary(worker_id=worker_id)

@@ -120,11 +120,10 @@ AS $$
     WHERE d.depends_on = ANY (j.depends_on) AND d.job_id = j.id
 $$;
 
--- Moves jobs to the dead letter table (deleting them from queue_jobs) and then, in the same
--- transaction, every job that waits on them, transitively (see queue_fail_dependents).
--- Returns the ids it moved from p_ids.
-CREATE FUNCTION queue_move_to_dead_letter(p_ids uuid[], p_reasons text[])
-RETURNS SETOF uuid
+-- The move itself: the rows leave queue_jobs for queue_jobs_dead_letter with their reason (and
+-- the reason as last_error when they had none), and their dependency links go. No cascade.
+CREATE FUNCTION queue_dead_letter_rows(p_ids uuid[], p_reasons text[])
+RETURNS uuid[]
 LANGUAGE plpgsql
 AS $$
 DECLARE
@@ -141,14 +140,26 @@ BEGIN
             scheduled_at, locked_until, locked_by, last_error, errors, unique_key, depends_on,
             waiting_on, created_at, updated_at, completed_at, dead_at, reason)
         SELECT id, tenant_id, job_type, payload, status, priority, attempts, max_attempts,
-               scheduled_at, locked_until, locked_by, last_error, errors, unique_key, depends_on,
-               waiting_on, created_at, now(), completed_at, now(), reason
+               scheduled_at, locked_until, locked_by, coalesce(last_error, reason), errors,
+               unique_key, depends_on, waiting_on, created_at, now(), completed_at, now(), reason
         FROM moved
         RETURNING id
     )
     SELECT coalesce(array_agg(id), '{}') INTO v_moved FROM inserted;
-
     PERFORM queue_unlink_jobs(v_moved);
+    RETURN v_moved;
+END;
+$$;
+
+-- Moves jobs to the dead letter table and then, in the same transaction, every job that waits
+-- on them, transitively (see queue_fail_dependents). Returns the ids it moved from p_ids.
+CREATE FUNCTION queue_move_to_dead_letter(p_ids uuid[], p_reasons text[])
+RETURNS SETOF uuid
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_moved uuid[] := queue_dead_letter_rows(p_ids, p_reasons);
+BEGIN
     PERFORM queue_fail_dependents(v_moved);
     RETURN QUERY SELECT unnest(v_moved);
 END;
@@ -162,6 +173,8 @@ LANGUAGE plpgsql
 AS $$
 DECLARE
     v_failed uuid[] := p_failed;
+    v_ids uuid[];
+    v_reasons text[];
 BEGIN
     -- Level by level. Each level is a new statement, so it sees dependency rows that a concurrent
     -- enqueue committed while this transaction waited for its locks.
@@ -172,23 +185,15 @@ BEGIN
             RETURNING d.job_id, d.depends_on
         ), firsts AS (
             SELECT DISTINCT ON (job_id) job_id, depends_on FROM deps ORDER BY job_id, depends_on
-        ), moved AS (
-            DELETE FROM queue_jobs j USING firsts f
-            WHERE j.id = f.job_id AND j.status IN ('waiting', 'pending')
-            RETURNING j.*, format('Dependency %s failed', f.depends_on) AS reason
-        ), inserted AS (
-            INSERT INTO queue_jobs_dead_letter (
-                id, tenant_id, job_type, payload, status, priority, attempts, max_attempts,
-                scheduled_at, locked_until, locked_by, last_error, errors, unique_key, depends_on,
-                waiting_on, created_at, updated_at, completed_at, dead_at, reason)
-            SELECT id, tenant_id, job_type, payload, status, priority, attempts, max_attempts,
-                   scheduled_at, locked_until, locked_by, coalesce(last_error, reason), errors,
-                   unique_key, depends_on, waiting_on, created_at, now(), completed_at, now(), reason
-            FROM moved
-            RETURNING id
+        ), doomed AS (
+            SELECT j.id, format('Dependency %s failed', f.depends_on) AS reason
+            FROM queue_jobs j JOIN firsts f ON f.job_id = j.id
+            WHERE j.status IN ('waiting', 'pending')
+            FOR UPDATE OF j
         )
-        SELECT coalesce(array_agg(id), '{}') INTO v_failed FROM inserted;
-        PERFORM queue_unlink_jobs(v_failed);
+        SELECT coalesce(array_agg(id), '{}'), coalesce(array_agg(reason), '{}')
+        INTO v_ids, v_reasons FROM doomed;
+        v_failed := queue_dead_letter_rows(v_ids, v_reasons);
     END LOOP;
 END;
 $$;

@@ -19,12 +19,18 @@ A behaviour is a JSON object (see :class:`Behaviour`)::
 ``Idempotency-Key`` header; later ones get the plain 200 of step 4, so a test can script "fails
 twice, then succeeds". ``hang`` never answers (the connection stays open until the client goes
 away), ``garbage`` writes bytes that are not HTTP and closes, ``close`` closes without answering.
-``delay_ms`` is waited before answering (or before ``garbage``/``close``).
+``delay_ms`` is waited before answering (or before ``garbage``/``close``). ``hold`` waits,
+before anything else, until the test releases the held calls (``StandIn.release()``): a test can
+act while calls are in flight, then let them answer.
 
 Control goes over HTTP to reserved paths (never recorded):
 
 - ``GET /__standin/requests``: everything received since start or the last reset, in order.
-- ``POST /__standin/reset``: forget requests, ``fail_times`` counters and configured behaviours.
+- ``GET /__standin/wait?count=N&timeout=S``: blocks until at least N requests have been received
+  since the last reset, then answers as ``requests`` does; 408 when S seconds pass first.
+- ``POST /__standin/release``: lets every ``hold`` call answer, now and until the next reset.
+- ``POST /__standin/reset``: forget requests, ``fail_times`` counters and configured behaviours
+  (held calls are released first).
 - ``POST /__standin/config`` with ``{"function": "name" | null, "behaviour": {...} | null}``:
   set (or, with a null behaviour, clear) a function's behaviour, or the default one.
 - ``GET /__standin/config``: the configured behaviours.
@@ -35,6 +41,7 @@ In Python, use :class:`StandIn`::
         functions.configure("resize", {"status": 500, "fail_times": 2})
         ...  # post to f"{functions.base_url}/resize"
         assert functions.requests()[0].headers["idempotency-key"] == job_id
+        functions.wait_for_requests(3)  # blocks until 3 requests came in (TimeoutError if not)
 
 From a shell (benchmarks, ``sam local invoke``)::
 
@@ -50,6 +57,7 @@ import asyncio
 import contextlib
 import http.client
 import json
+import math
 import selectors
 import signal
 import socket
@@ -62,6 +70,7 @@ from http import HTTPStatus
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypedDict
+from urllib.parse import parse_qs
 
 __all__ = ["Behaviour", "ReceivedRequest", "StandIn", "main"]
 
@@ -69,6 +78,8 @@ CONTROL_PREFIX = "/__standin/"
 READY_PREFIX = "listening on "
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 5.0
+# How long the client gives the server beyond a wait's own timeout to answer it.
+WAIT_GRACE_S = 10.0
 
 _GARBAGE = b"\x00\xff\xfeTHIS IS NOT HTTP\x00\r\n\r\n\x07\x1b"
 _FLAGS = ("hang", "garbage", "close")
@@ -96,6 +107,8 @@ class Behaviour(TypedDict, total=False):
     """Close the connection without answering."""
     fail_times: int
     """Apply this behaviour to the first N requests per ``Idempotency-Key`` only, then 200."""
+    hold: bool
+    """Wait until ``StandIn.release()`` (or a reset) first, then answer as the rest says."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +167,7 @@ def _validate(raw: object) -> dict[str, Any]:
     delay = raw.get("delay_ms", 0)
     if type(delay) not in (int, float) or delay < 0:
         raise _BehaviourError(f"delay_ms must be a number >= 0, not {delay!r}")
-    for flag in _FLAGS:
+    for flag in (*_FLAGS, "hold"):
         if type(raw.get(flag, False)) is not bool:
             raise _BehaviourError(f"{flag} must be true or false, not {raw[flag]!r}")
     if sum(bool(raw.get(flag)) for flag in _FLAGS) > 1:
@@ -222,6 +235,19 @@ class _Server:
         self.default: dict[str, Any] | None = None
         self.seen: dict[str | None, int] = {}
         self.writers: set[asyncio.StreamWriter] = set()
+        self.count = 0  # function requests since start or the last reset (recorded or not)
+        self.arrived = asyncio.Condition()  # notified on each request while someone waits
+        self.waiters = 0
+        self.released = asyncio.Event()  # set: `hold` calls answer
+
+    def _reset(self) -> None:
+        self.received.clear()
+        self.seen.clear()
+        self.functions.clear()
+        self.default = None
+        self.count = 0
+        self.released.set()  # calls held until now answer; later ones are held again
+        self.released = asyncio.Event()
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writers.add(writer)
@@ -279,6 +305,10 @@ class _Server:
             keep_alive = "close" not in connection
         else:
             keep_alive = "keep-alive" in connection
+        if target.startswith(CONTROL_PREFIX + "wait") and method == "GET":
+            writer.write(await self._wait(target, keep_alive=keep_alive))
+            await writer.drain()
+            return keep_alive
         if target.startswith(CONTROL_PREFIX):
             writer.write(self._control(method, target, body, keep_alive=keep_alive))
             await writer.drain()
@@ -300,6 +330,10 @@ class _Server:
     ) -> bool:
         if self.record:
             self.received.append((method, target, headers, body))
+        self.count += 1
+        if self.waiters:
+            async with self.arrived:
+                self.arrived.notify_all()
         head_only = method == "HEAD"
         try:
             behaviour = self._resolve(target, headers, body)
@@ -317,6 +351,8 @@ class _Server:
             )
             await writer.drain()
             return keep_alive
+        if behaviour.get("hold"):
+            await self.released.wait()
         if behaviour.get("hang"):
             while await reader.read(65536):
                 pass  # drain whatever the client sends until it goes away
@@ -364,19 +400,57 @@ class _Server:
                 return None
         return behaviour
 
+    def _requests_document(self) -> list[dict[str, Any]]:
+        return [
+            {"method": m, "path": p, "headers": h, "body": _decode_body(b)}
+            for m, p, h, b in self.received
+        ]
+
+    async def _wait(self, target: str, *, keep_alive: bool) -> bytes:
+        """GET /__standin/wait?count=N&timeout=S: answers once N requests have arrived since
+        the last reset (woken by each arrival, no polling), or 408 after S seconds."""
+        action, _, query = target.partition("?")
+        if action != CONTROL_PREFIX + "wait":
+            return _response(404, {"error": f"no GET {target}"}, keep_alive=keep_alive)
+        params = parse_qs(query)
+        try:
+            count = int(params.get("count", ["1"])[-1])
+            timeout = float(params.get("timeout", ["30"])[-1])
+        except ValueError:
+            count, timeout = -1, math.nan
+        if count < 0 or not math.isfinite(timeout) or timeout <= 0:
+            return _response(
+                400,
+                {"error": "wait needs count >= 0 and a finite timeout > 0 (seconds)"},
+                keep_alive=keep_alive,
+            )
+        self.waiters += 1
+        try:
+            async with asyncio.timeout(timeout), self.arrived:
+                await self.arrived.wait_for(lambda: self.count >= count)
+        except TimeoutError:
+            return _response(
+                408,
+                {
+                    "error": f"{self.count} of {count} requests arrived in {timeout:g} s",
+                    "received": self.count,
+                },
+                keep_alive=keep_alive,
+            )
+        finally:
+            self.waiters -= 1
+        return _response(200, self._requests_document(), keep_alive=keep_alive)
+
     def _control(self, method: str, target: str, body: bytes, *, keep_alive: bool) -> bytes:
         action = target.partition("?")[0].removeprefix(CONTROL_PREFIX)
         try:
             if (method, action) == ("GET", "requests"):
-                result: Any = [
-                    {"method": m, "path": p, "headers": h, "body": _decode_body(b)}
-                    for m, p, h, b in self.received
-                ]
+                result: Any = self._requests_document()
             elif (method, action) == ("POST", "reset"):
-                self.received.clear()
-                self.seen.clear()
-                self.functions.clear()
-                self.default = None
+                self._reset()
+                result = {"ok": True}
+            elif (method, action) == ("POST", "release"):
+                self.released.set()
                 result = {"ok": True}
             elif (method, action) == ("POST", "config"):
                 result = self._configure(json.loads(body or b"null"))
@@ -604,8 +678,29 @@ class StandIn:
         """Every request received since start or the last reset, in order."""
         return [ReceivedRequest(**item) for item in self._call("GET", "requests")]
 
+    def wait_for_requests(self, count: int, timeout: float = 30) -> list[ReceivedRequest]:
+        """Block until at least ``count`` requests have been received since the last reset
+        (the server answers when the last of them arrives), and return them all.
+
+        Raises ``TimeoutError`` when fewer have arrived after ``timeout`` seconds.
+        """
+        status, result, data = self._exchange(
+            "GET", f"wait?count={int(count)}&timeout={float(timeout)!r}", timeout=timeout
+        )
+        if status == 408:
+            message = result.get("error") if isinstance(result, dict) else repr(data)
+            raise TimeoutError(f"stand-in: {message}")
+        self._check(status, result, data, "GET", "wait")
+        return [ReceivedRequest(**item) for item in result]
+
+    def release(self) -> None:
+        """Let every call held by a ``hold`` behaviour answer, and later ones too, until the
+        next reset."""
+        self._call("POST", "release")
+
     def reset(self) -> None:
-        """Forget received requests, ``fail_times`` counters and every configured behaviour."""
+        """Forget received requests, ``fail_times`` counters and every configured behaviour.
+        Calls still held by ``hold`` are released; later ones are held again."""
         self._call("POST", "reset")
 
     def configure(self, function: str, behaviour: Behaviour | Mapping[str, Any] | None) -> None:
@@ -620,8 +715,17 @@ class StandIn:
         self._call("POST", "config", {"function": None, "behaviour": behaviour})
 
     def _call(self, method: str, action: str, document: object = None) -> Any:
+        status, result, data = self._exchange(method, action, document)
+        self._check(status, result, data, method, action)
+        return result
+
+    def _exchange(
+        self, method: str, action: str, document: object = None, *, timeout: float = 0
+    ) -> tuple[int, Any, bytes]:
         host = _url_host(self.host).strip("[]")
-        connection = http.client.HTTPConnection(host, self.port, timeout=START_TIMEOUT_S)
+        connection = http.client.HTTPConnection(
+            host, self.port, timeout=max(START_TIMEOUT_S, timeout + WAIT_GRACE_S)
+        )
         try:
             body = None if document is None else json.dumps(document).encode()
             headers = {} if body is None else {"Content-Type": "application/json"}
@@ -630,15 +734,15 @@ class StandIn:
             data = response.read()
         finally:
             connection.close()
-        result = json.loads(data) if data else None
-        if response.status == 400:
+        return response.status, json.loads(data) if data else None, data
+
+    @staticmethod
+    def _check(status: int, result: Any, data: bytes, method: str, action: str) -> None:
+        if status == 400:
             message = result.get("error") if isinstance(result, dict) else repr(data)
             raise ValueError(f"stand-in: {message}")
-        if response.status != 200:
-            raise RuntimeError(
-                f"stand-in answered {response.status} to {method} {action}: {data!r}"
-            )
-        return result
+        if status != 200:
+            raise RuntimeError(f"stand-in answered {status} to {method} {action}: {data!r}")
 
 
 if __name__ == "__main__":

@@ -118,7 +118,9 @@ class BatchRunner:
         *,
         parent: Any,
     ) -> None:
-        settler = Settler(lambda batch: self._db.call(lambda store: store.settle(worker_id, batch)))
+        settler = Settler(
+            lambda batch: self._db.call(lambda store: store.settle_summary(worker_id, batch))
+        )
         batch = _Batch(
             queue=deque(jobs),
             settler=settler,

@@ -11,13 +11,12 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
-from uuid import UUID
 
 from handler.store import Settlement, SettleResult
 
 SETTLE_INTERVAL_SECONDS = 5.0
 
-SettleFn = Callable[[Sequence[Settlement]], dict[UUID, SettleResult]]
+SettleFn = Callable[[Sequence[Settlement]], dict[SettleResult, int]]
 
 
 class Settler:
@@ -26,7 +25,6 @@ class Settler:
         self._pending: list[Settlement] = []
         self._lock = threading.Lock()
         self.results: Counter[SettleResult] = Counter()
-        self.by_job: dict[UUID, SettleResult] = {}
         self.statements = 0
         self.failures: list[BaseException] = []
 
@@ -47,5 +45,4 @@ class Settler:
         except Exception as exc:
             self.failures.append(exc)
             return
-        self.by_job.update(results)
-        self.results.update(results.values())
+        self.results.update(results)

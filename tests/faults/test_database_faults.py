@@ -205,7 +205,7 @@ def test_a_settlement_that_never_gets_through_is_completed_later_without_a_secon
 
     # When every settle of a batch fails, on the first connection and on the new one
     with monkeypatch.context() as patch:
-        patch.setattr(QueueStore, "settle", settle)
+        patch.setattr(QueueStore, "settle_summary", settle)
         first, _ = run_batch()
     assert (first.claimed, first.completed, first.unsettled) == (12, 0, 12)
     assert len(attempts) >= 2  # the reconnect was tried, and failed too

@@ -140,9 +140,14 @@ def _excerpt(body: str, secrets: tuple[str, ...]) -> str:
     return text or "(empty body)"
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
 def _scrub(text: str, secrets: tuple[str, ...]) -> str:
     # A function may echo the request back, Authorization header included.
     for secret in secrets:
         if secret:
             text = text.replace(secret, "***")
-    return text
+    # Control characters (a NUL above all, which PostgreSQL text cannot hold) from an answer that
+    # is not text must not break the settlement of the whole batch.
+    return _CONTROL.sub("\N{REPLACEMENT CHARACTER}", text)

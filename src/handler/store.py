@@ -52,7 +52,10 @@ class Settlement:
             "id": str(self.job_id),
             "attempt": self.attempt,
             "outcome": self.outcome,
-            "error": self.error,
+            # PostgreSQL text cannot hold a NUL; one in an error must not sink the whole settle.
+            "error": self.error.replace("\x00", "\N{REPLACEMENT CHARACTER}")
+            if self.error
+            else None,
             "status": self.status,
             "retry_at": self.retry_at.isoformat() if self.retry_at else None,
         }

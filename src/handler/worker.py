@@ -198,9 +198,7 @@ class Worker:
     def _get_runner(self) -> BatchRunner:
         key = self.settings.service_role_key_value()  # cached by Powertools Parameters
         if self._dispatcher is None:
-            self._dispatcher = Dispatcher(
-                self.settings.functions_base_url, key, max_connections=self.settings.max_concurrency
-            )
+            self._dispatcher = Dispatcher(self.settings.functions_base_url, key)
         else:
             self._dispatcher.set_service_role_key(key)
         if self._runner is None:

@@ -237,3 +237,22 @@ def test_a_job_type_routed_by_job_routes_goes_to_that_function(
     summary, _ = run_batch(job_routes='{"send_invoice": "billing-send"}')
     assert [r.path for r in standin.requests()] == ["/billing-send"]
     assert summary.completed == 1
+
+
+def test_an_answer_with_nul_and_control_bytes_is_recorded_without_breaking_the_batch(
+    queue: QueueStore, run_batch: RunBatch, standin: StandIn, conn: pg8000.native.Connection
+) -> None:
+    # PostgreSQL text cannot hold a NUL: an error excerpt carrying one must not fail the settle
+    # of the whole batch (the garbage answer's first line carries NULs too).
+    standin.configure("process-embeddings", {"status": 500, "body": "bad\x00\x07\x1bbytes"})
+    binary = queue.enqueue(TENANT, "process_embeddings", {})
+    garbage = queue.enqueue(TENANT, "ingest_slack", simulate(garbage=True))
+    fine = queue.enqueue(TENANT, "ingest_slack", {})
+    summary, _ = run_batch()
+    assert summary.unsettled == 0
+    assert job_state(conn, fine)["status"] == "completed"
+    for job in (binary, garbage):
+        state = job_state(conn, job)
+        assert state["attempts"] == 1
+        assert "\x00" not in state["last_error"]
+    assert job_state(conn, binary)["last_error"].startswith("Function execution failed: 500 bad")

@@ -87,7 +87,7 @@ def test_a_route_can_only_name_one_plain_path_segment(name: str) -> None:
         routes = parse_routes(json.dumps({"job": name}))
     except ConfigurationError:
         return
-    dispatcher = Dispatcher("https://project.example/functions/v1", "key", max_connections=1)
+    dispatcher = Dispatcher("https://project.example/functions/v1", "key")
     try:
         url = dispatcher.url_for(routes["job"])
     finally:
@@ -97,10 +97,10 @@ def test_a_route_can_only_name_one_plain_path_segment(name: str) -> None:
 
 
 def test_tls_verification_stays_on() -> None:
-    dispatcher = Dispatcher("https://project.example/functions/v1", "key", max_connections=1)
+    dispatcher = Dispatcher("https://project.example/functions/v1", "key")
     try:
         client = dispatcher._client()
-        context = client._transport._pool._ssl_context  # type: ignore[attr-defined]
+        context = client._transport._ssl  # type: ignore[attr-defined]
     finally:
         dispatcher.close()
     assert isinstance(context, ssl.SSLContext)

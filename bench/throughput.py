@@ -68,10 +68,16 @@ CONTENDERS = {
     "ours": "ours",
     "ours-idem": "ours + PostgreSQL idempotency store",
     "seed": "the seed's design (claim one, POST, settle)",
-    "pgqueuer": "PgQueuer",
-    "procrastinate": "procrastinate",
+    "pgqueuer": "PgQueuer (aiohttp)",
+    "procrastinate": "procrastinate (aiohttp)",
+    "pgqueuer-httpx2": "PgQueuer (httpx2)",
+    "procrastinate-httpx2": "procrastinate (httpx2)",
 }
 PEERS = ("pgqueuer", "procrastinate")
+# The comparison the targets are about: the peers POSTing through the same API as ours (the
+# httpx API; httpx2.AsyncClient is their fastest client with it). The aiohttp rows show how far
+# a client outside that API takes them.
+SAME_API_PEERS = ("pgqueuer-httpx2", "procrastinate-httpx2")
 OURS = ("ours", "ours-idem")
 
 # The peers' best settings, from `--tune` (bench/results/peer_tuning.md): for each, the variant
@@ -92,6 +98,8 @@ PEER_SETTINGS: dict[str, dict[str, Any]] = {
         "http": "aiohttp",
     },
 }
+PEER_SETTINGS["pgqueuer-httpx2"] = PEER_SETTINGS["pgqueuer"] | {"http": "httpx2"}
+PEER_SETTINGS["procrastinate-httpx2"] = PEER_SETTINGS["procrastinate"] | {"http": "httpx2"}
 TUNING: dict[str, dict[str, dict[str, Any]]] = {
     "pgqueuer": {
         "batch 10": {"batch_size": 10, "concurrency_limit": 0, "driver": "connection"},
@@ -327,6 +335,15 @@ class PeerHttp:
                 connector=aiohttp.TCPConnector(limit=CONCURRENCY, keepalive_timeout=30),
                 timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S),
             )
+        elif self.kind == "httpx2":
+            import httpx2
+
+            self._client = httpx2.AsyncClient(
+                limits=httpx2.Limits(
+                    max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY
+                ),
+                timeout=HTTP_TIMEOUT_S,
+            )
         else:
             import httpx
 
@@ -522,7 +539,7 @@ def child(args: argparse.Namespace) -> None:
         result = run_ours(args.url, args.functions, args.jobs, "postgres")
     elif args.run == "seed":
         result = run_seed(args.url, args.functions)
-    elif args.run == "pgqueuer":
+    elif args.run.startswith("pgqueuer"):
         result = run_pgqueuer(args.url, args.functions, settings)
     else:
         result = run_procrastinate(args.url, args.functions, settings)
@@ -538,7 +555,7 @@ def child(args: argparse.Namespace) -> None:
 def install(contender: str, url: str) -> None:
     if contender in (*OURS, "seed"):
         benchlib.install_queue_schema(url)
-    elif contender == "pgqueuer":
+    elif contender.startswith("pgqueuer"):
         asyncio.run(_pgqueuer_install(url))
     else:
         asyncio.run(_procrastinate_install(url))
@@ -574,7 +591,7 @@ def prepare(contender: str, url: str, jobs: int) -> None:
             )
             conn.run(benchlib.INSERT_JOBS_SQL, job_types=list(benchlib.JOB_TYPES), n=jobs)
             tables = ("queue_jobs", "queue_idempotency")
-        elif contender == "pgqueuer":
+        elif contender.startswith("pgqueuer"):
             conn.run("TRUNCATE pgqueuer, pgqueuer_log, pgqueuer_statistics")
             asyncio.run(_pgqueuer_enqueue(url, jobs))
             tables = ("pgqueuer", "pgqueuer_log")
@@ -641,7 +658,7 @@ def finished_in_database(contender: str, url: str) -> tuple[int, int]:
             dead = int(conn.run("SELECT count(*) FROM queue_jobs_dead_letter")[0][0])
             done = int(rows.pop("completed", 0))
             return done, sum(int(v) for v in rows.values()) + dead
-        if contender == "pgqueuer":
+        if contender.startswith("pgqueuer"):
             done = int(
                 conn.run(
                     "SELECT count(DISTINCT job_id) FROM pgqueuer_log WHERE status = 'successful'"
@@ -993,10 +1010,12 @@ def report(
         "- PgQueuer: `QueueManager` in drain mode, one entrypoint per job type; "
         f"`{json.dumps(PEER_SETTINGS['pgqueuer'])}`. procrastinate: `run_worker_async("
         "wait=False)`, one task per job type; "
-        f"`{json.dumps(PEER_SETTINGS['procrastinate'])}`. Both POST with "
-        "`aiohttp.ClientSession` (50 connections, so at most 50 requests in flight), which "
-        "was the faster client for both (`bench/results/peer_tuning.md`: "
-        "`httpx.AsyncClient` 0.28 costs them several ms of CPU per request).",
+        f"`{json.dumps(PEER_SETTINGS['procrastinate'])}`. Each peer runs twice: POSTing "
+        "through the same API as ours, the httpx API (`httpx2.AsyncClient`, their fastest "
+        "client with that API: `httpx.AsyncClient` 0.28 costs them 5-12 ms of CPU per request, "
+        "`bench/results/peer_tuning.md`), which is the comparison the targets are about "
+        '("vs best peer"); and with `aiohttp.ClientSession`, a client outside that API, for '
+        "reference. 50 connections, so at most 50 requests in flight, everywhere.",
         "- Checks: the stand-in records every request; each `seq` must arrive exactly once, "
         "and the contender's own tables must show every job finished (ours and the seed: "
         "`completed`; PgQueuer: a `successful` log entry, queue empty; procrastinate: "
@@ -1022,7 +1041,9 @@ def report(
             c: [r for r in mine if r["contender"] == c and "failed" not in r] for c in contenders
         }
         peer_medians = {
-            p: statistics.median(rate(r, jobs) for r in good[p]) for p in PEERS if good.get(p)
+            p: statistics.median(rate(r, jobs) for r in good[p])
+            for p in SAME_API_PEERS
+            if good.get(p)
         }
         best_peer = max(peer_medians, key=lambda p: peer_medians[p]) if peer_medians else None
         bound = CONCURRENCY / (delay / 1000) if delay else None

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -42,8 +44,8 @@ class Settings:
     idempotency_table: str | None = None
     fan_out_max: int = 0  # asynchronous copies a scheduled run may start for a large backlog
     reserved_concurrency: int | None = None  # the function's reserved concurrency, if any
-    completed_retention_days: float = 7.0
-    dead_letter_retention_days: float = 30.0
+    completed_retention: timedelta = timedelta(days=7)
+    dead_letter_retention: timedelta = timedelta(days=30)
 
     def database_settings(self) -> ConnectionSettings:
         if self.database is not None:
@@ -114,10 +116,8 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
         idempotency_table=table,
         fan_out_max=_int(get, "FAN_OUT_MAX", 0, low=0, high=1000),
         reserved_concurrency=_int(get, "RESERVED_CONCURRENCY", 0, low=0, high=100_000) or None,
-        completed_retention_days=_float(get, "COMPLETED_RETENTION_DAYS", 7.0, low=0.0, high=3650.0),
-        dead_letter_retention_days=_float(
-            get, "DEAD_LETTER_RETENTION_DAYS", 30.0, low=0.0, high=3650.0
-        ),
+        completed_retention=_duration(get, "COMPLETED_RETENTION", timedelta(days=7)),
+        dead_letter_retention=_duration(get, "DEAD_LETTER_RETENTION", timedelta(days=30)),
     )
 
 
@@ -179,6 +179,26 @@ def _float(get: _Getter, name: str, default: float, *, low: float, high: float) 
     if not low <= value <= high:
         raise ConfigurationError(name, f"must be between {low} and {high}, not {value}")
     return value
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(d|h|m|s)?", re.IGNORECASE)
+_UNIT_SECONDS = {"d": 86_400, "h": 3_600, "m": 60, "s": 1}
+
+
+def _duration(get: _Getter, name: str, default: timedelta) -> timedelta:
+    """A duration such as 7d, 36h, 90m or 3600s; a bare number is days. At most 10 years."""
+    raw = get(name)
+    if raw is None:
+        return default
+    match = _DURATION.fullmatch(raw)
+    if match is None:
+        raise ConfigurationError(
+            name, f"must be a duration such as 7d, 36h, 90m or 3600s, not {raw!r}"
+        )
+    seconds = float(match.group(1)) * _UNIT_SECONDS[(match.group(2) or "d").lower()]
+    if seconds > 10 * 365 * 86_400:
+        raise ConfigurationError(name, f"must be at most 10 years, not {raw!r}")
+    return timedelta(seconds=seconds)
 
 
 def _check_arn(value: str, variable: str) -> None:

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from aws_lambda_powertools.metrics import MetricUnit
@@ -176,8 +176,8 @@ class Worker:
         return self._call(
             lambda store: prune(
                 store,
-                completed_retention=timedelta(days=self.settings.completed_retention_days),
-                dead_letter_retention=timedelta(days=self.settings.dead_letter_retention_days),
+                completed_retention=self.settings.completed_retention,
+                dead_letter_retention=self.settings.dead_letter_retention,
                 time_limit_s=min(MAINTENANCE_SECONDS, time_left),
             )
         )

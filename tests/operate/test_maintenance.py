@@ -481,7 +481,7 @@ def test_the_retentions_come_from_the_environment(
     history.completed(2, days_ago=2)
     history.dead(3, days_ago=3)
     # When a worker with a 1-day retention for both runs a batch
-    summary, _ = run_batch(completed_retention_days="1", dead_letter_retention_days="1")
+    summary, _ = run_batch(completed_retention="1d", dead_letter_retention="24h")
     # Then it pruned them all
     assert summary.pruned == 5
     assert not job_ids(conn)

@@ -4,6 +4,7 @@ variable and never showing a secret; and the libpq URL forms DATABASE_URL takes.
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 
 import pytest
 
@@ -419,3 +420,35 @@ def test_describe_of_a_socket_names_the_socket() -> None:
     result = parse_database_url(f"postgresql://worker:{PASSWORD}@/queue?host=/tmp")
 
     assert result.describe() == "worker@/tmp/.s.PGSQL.5432/queue"
+
+
+# --- retention durations ---------------------------------------------------------------------
+
+
+def test_retentions_default_to_seven_and_thirty_days() -> None:
+    result = settings()
+    assert result.completed_retention == timedelta(days=7)
+    assert result.dead_letter_retention == timedelta(days=30)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("7d", timedelta(days=7)),
+        ("36h", timedelta(hours=36)),
+        ("90m", timedelta(minutes=90)),
+        ("3600s", timedelta(hours=1)),
+        ("2", timedelta(days=2)),
+        ("0.5d", timedelta(hours=12)),
+    ],
+)
+def test_a_retention_is_a_duration_with_a_unit(raw: str, expected: timedelta) -> None:
+    assert settings(COMPLETED_RETENTION=raw).completed_retention == expected
+    assert settings(DEAD_LETTER_RETENTION=raw).dead_letter_retention == expected
+
+
+@pytest.mark.parametrize("raw", ["a week", "7w", "-1d", "P7D", "1e9d", "99999d"])
+def test_a_malformed_retention_names_the_variable(raw: str) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        settings(COMPLETED_RETENTION=raw)
+    assert caught.value.variable == "COMPLETED_RETENTION"

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Literal
+from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
 from handler.db import ConnectionSettings, parse_database_url, settings_from_rds_secret
@@ -21,6 +21,7 @@ from handler.routes import Route, parse_routes
 
 IdempotencyStoreKind = Literal["dynamodb", "postgres", "off"]
 _Getter = Callable[[str], str | None]
+N = TypeVar("N", int, float)
 
 # How long a fetched secret is trusted before it is fetched again (rotation picks up within this).
 SECRET_MAX_AGE_SECONDS = 300
@@ -156,26 +157,23 @@ def _functions_base_url(base: str | None, supabase: str | None) -> str:
 
 
 def _int(get: _Getter, name: str, default: int, *, low: int, high: int) -> int:
-    raw = get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigurationError(name, f"must be a whole number, not {raw!r}") from None
-    if not low <= value <= high:
-        raise ConfigurationError(name, f"must be between {low} and {high}, not {value}")
-    return value
+    return _number(get, name, default, int, what="a whole number", low=low, high=high)
 
 
 def _float(get: _Getter, name: str, default: float, *, low: float, high: float) -> float:
+    return _number(get, name, default, float, what="a number", low=low, high=high)
+
+
+def _number(
+    get: _Getter, name: str, default: N, kind: Callable[[str], N], *, what: str, low: N, high: N
+) -> N:
     raw = get(name)
     if raw is None:
         return default
     try:
-        value = float(raw)
+        value = kind(raw)
     except ValueError:
-        raise ConfigurationError(name, f"must be a number, not {raw!r}") from None
+        raise ConfigurationError(name, f"must be {what}, not {raw!r}") from None
     if not low <= value <= high:
         raise ConfigurationError(name, f"must be between {low} and {high}, not {value}")
     return value

@@ -151,7 +151,7 @@ class _ConnectionPool:
         try:
             conn = self._take()
             try:
-                return _rows(conn.run(sql, **params))
+                return _rows(_execute(conn, sql, params))
             except Exception as exc:
                 if not _is_broken(exc):
                     raise
@@ -162,7 +162,7 @@ class _ConnectionPool:
                 _close_quietly(conn)
                 conn = None
                 conn = self._provider()
-                return _rows(conn.run(sql, **params))
+                return _rows(_execute(conn, sql, params))
         except BaseException as exc:
             if _is_broken(exc):
                 _close_quietly(conn)
@@ -187,6 +187,19 @@ class _ConnectionPool:
             return self._idle.get_nowait()
         except queue.Empty:
             return self._provider()
+
+
+def _execute(conn: Any, sql: str, params: dict[str, Any]) -> Any:
+    """Runs a statement prepared once per connection: pg8000 would otherwise parse the SQL text
+    again on every call, which was half the store's CPU in the benchmark."""
+    prepared: dict[str, Any] | None = getattr(conn, "_queue_worker_prepared", None)
+    if prepared is None:
+        prepared = {}
+        conn._queue_worker_prepared = prepared
+    statement = prepared.get(sql)
+    if statement is None:
+        statement = prepared[sql] = conn.prepare(sql)
+    return statement.run(**params)
 
 
 def _rows(result: Any) -> list[list[Any]]:

@@ -223,6 +223,16 @@ def count_pg8000_statements(clock: Clock) -> None:
 
     pg8000.native.Connection.run = counted  # type: ignore[method-assign]
 
+    # Statements prepared once and run many times (the idempotency store's) count at each run.
+    prepared_run = pg8000.native.PreparedStatement.run
+
+    def counted_prepared(self: Any, *args: Any, **kwargs: Any) -> Any:
+        clock.statements += 1
+        clock.kinds[statement_kind(self.statement)] += 1
+        return prepared_run(self, *args, **kwargs)
+
+    pg8000.native.PreparedStatement.run = counted_prepared  # type: ignore[method-assign]
+
 
 def body_bytes(job_id: str, tenant: str, job_type: str, attempt: int, payload: Any) -> bytes:
     """The worker's request body (DESIGN section 3), for every contender alike."""

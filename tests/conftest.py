@@ -100,3 +100,26 @@ def conn(database_url: str) -> Iterator[pg8000.native.Connection]:
 @pytest.fixture
 def store(conn: pg8000.native.Connection) -> QueueStore:
     return QueueStore(conn)
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """moto in server mode (a real local HTTP endpoint) for the AWS services with no local server."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+def use_fake_aws(monkeypatch: pytest.MonkeyPatch, config_dir: Path, region: str) -> None:
+    """Dummy credentials and no profile, so that no boto3 client can reach a real account."""
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", region)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config_dir / "no-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(config_dir / "no-credentials"))

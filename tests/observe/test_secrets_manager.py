@@ -23,7 +23,6 @@ import pg8000.native
 import pytest
 from aws_lambda_powertools.utilities import parameters
 from moto.moto_api import recorder
-from moto.server import ThreadedMotoServer
 
 from handler import app
 from handler.config import parse_settings
@@ -31,6 +30,7 @@ from handler.db import ConnectionSettings, parse_database_url
 from handler.errors import ConfigurationError
 from handler.standin import StandIn
 from handler.store import QueueStore
+from tests.conftest import use_fake_aws
 
 from .conftest import FakeLambdaContext
 
@@ -40,26 +40,11 @@ DB_PASSWORD = "rds-secret-password-41c7f0"
 BASE = {"FUNCTIONS_BASE_URL": "https://functions.example.test"}
 
 
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture
 def aws_env(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     """Dummy credentials and the moto endpoint for every boto3 client made in the test, and an
     empty Powertools parameter cache (its providers keep the client of the first call too)."""
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    use_fake_aws(monkeypatch, tmp_path, REGION)
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
     monkeypatch.setenv("AWS_ENDPOINT_URL_SECRETSMANAGER", moto_endpoint)
     parameters.clear_caches()  # type: ignore[no-untyped-call]

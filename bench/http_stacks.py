@@ -64,6 +64,7 @@ STACKS = {
     "httpx-aiohttp": "httpx.AsyncClient + aiohttp transport",
     "httpx-threads": "httpx.Client, 50 threads",
     "httpx2-threads": "httpx2.Client, 50 threads",
+    "httpx2-ours": "httpx2.Client per thread over handler's KeepAliveTransport, 50 threads (the worker's)",
     "aiohttp-raw": "aiohttp.ClientSession (reference: not the httpx API)",
 }
 PACKAGES = ("httpx", "httpcore", "h11", "httpx2", "httpcore2", "anyio", "aiohttp", "multidict")
@@ -334,6 +335,35 @@ def measure(stack: str, url: str, n: int, server_pid: int) -> dict[str, Any]:
             return int(client.post(url, json=body, headers=headers).status_code)
 
         statuses = run_threads(make_sync, post_sync, n, meter)
+    elif stack == "httpx2-ours":
+        import ssl
+
+        import httpx2
+
+        from handler.http_transport import KeepAliveTransport
+
+        context = ssl.create_default_context()
+
+        class PerThread(threading.local):
+            """Each pool thread makes its own client on first use (as the worker does)."""
+
+            client: Any = None
+
+            def close(self) -> None:
+                pass  # the run's process ends right after
+
+        def make_per_thread() -> Any:
+            return PerThread()
+
+        def post_per_thread(holder: Any, i: int) -> int:
+            client = holder.client
+            if client is None:
+                transport = KeepAliveTransport(context)
+                client = holder.client = httpx2.Client(transport=transport, timeout=TIMEOUT_S)
+            body, headers = job(i)
+            return int(client.post(url, json=body, headers=headers).status_code)
+
+        statuses = run_threads(make_per_thread, post_per_thread, n, meter)
     elif stack == "aiohttp-raw":
         import aiohttp
 

@@ -35,14 +35,12 @@ class Database:
     def __init__(self, settings_provider: Callable[[], db.ConnectionSettings]) -> None:
         self._settings_provider = settings_provider
         self._store: QueueStore | None = None
-        self.statements = 0  # calls made, for the benchmark's statement count
 
     def connect(self) -> pg8000.native.Connection:
         """A new connection (for other users of the same database, e.g. the idempotency store)."""
         return db.connect(self._settings_provider())
 
     def call(self, fn: Callable[[QueueStore], T]) -> T:
-        self.statements += 1
         try:
             return fn(self._get_store())
         except Exception as exc:

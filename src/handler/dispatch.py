@@ -12,7 +12,6 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import quote
 
 import httpx2
@@ -135,6 +134,3 @@ class Dispatcher:
             for client in self._clients:
                 client.close()
             self._clients.clear()
-
-    def describe(self) -> dict[str, Any]:
-        return {"functions_base_url": self.base_url}

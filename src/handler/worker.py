@@ -30,7 +30,7 @@ from handler.idempotency_setup import build_persistence_layer, idempotency_confi
 from handler.maintenance import PruneReport, prune
 from handler.observability import SERVICE, emit_counts, emit_per_function, logger
 from handler.schedules import FireReport, fire_due_schedules
-from handler.store import QueueStats, QueueStore
+from handler.store import QueueStore
 
 if TYPE_CHECKING:
     from mypy_boto3_lambda import LambdaClient
@@ -191,9 +191,6 @@ class Worker:
 
             self._lambda = boto3.client("lambda")
         return self._lambda
-
-    def stats(self) -> QueueStats:
-        return self.database.call(lambda store: store.stats())
 
     def _get_runner(self) -> BatchRunner:
         key = self.settings.service_role_key_value()  # cached by Powertools Parameters

@@ -36,16 +36,16 @@ class Delivery:
 
 
 def request_body(job: ClaimedJob) -> bytes:
-    return json.dumps(
+    envelope = json.dumps(
         {
             "job_id": str(job.id),
             "tenant_id": str(job.tenant_id),
             "job_type": job.job_type,
             "attempt": job.attempt,
-            "payload": job.payload,
         },
         separators=(",", ":"),
-    ).encode()
+    )
+    return f'{envelope[:-1]},"payload":{job.payload_json}}}'.encode()
 
 
 def _read_bounded(response: httpx2.Response) -> str:

@@ -55,7 +55,11 @@ class KeepAliveTransport(httpx2.BaseTransport):
             raise _as_httpx_error(exc, request, connecting=False) from exc
         if not keep_alive:
             self.close()
-        return httpx2.Response(status, headers=headers, content=body, request=request)
+        # stream=: the headers stay as the server sent them, and the body is read once, by the
+        # caller, rather than again on construction.
+        return httpx2.Response(
+            status, headers=headers, stream=httpx2.ByteStream(body), request=request
+        )
 
     def _connection(self, url: httpx2.URL, connect_timeout: float | None) -> _Connection:
         origin = (url.scheme, url.host, url.port)

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from handler.dispatch import Dispatcher
+from handler.dispatch import Dispatcher, request_body
 from handler.errors import ConfigurationError
 from handler.routes import Route, parse_routes
 from handler.standin import StandIn
@@ -107,3 +107,35 @@ def test_tls_verification_stays_on() -> None:
     assert context.verify_mode == ssl.CERT_REQUIRED
     assert context.check_hostname is True
     assert dispatcher.url_for(Route("ingest-slack")).scheme == "https"
+
+
+# Text PostgreSQL's jsonb can hold: no NUL, no lone surrogate.
+JSON_TEXT = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"))
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63)
+    | st.floats(min_value=-1e6, max_value=1e6, allow_nan=False)
+    | JSON_TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(JSON_TEXT, inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(payload=st.dictionaries(JSON_TEXT, JSON_VALUES))
+def test_any_json_payload_reaches_the_request_body_as_it_was_enqueued(
+    payload: dict[str, object], queue: QueueStore, conn: pg8000.native.Connection
+) -> None:
+    # The payload is spliced into the body as PostgreSQL renders it, never re-serialised.
+    conn.run("DELETE FROM queue_jobs")
+    job_id = queue.enqueue(uuid.uuid4(), "ingest_slack", payload)
+    [job] = queue.claim("w", lease_seconds=60, max_jobs=1, max_per_tenant=1)
+    body = json.loads(request_body(job))
+    assert body == {
+        "job_id": str(job_id),
+        "tenant_id": str(job.tenant_id),
+        "job_type": "ingest_slack",
+        "attempt": 1,
+        "payload": payload,
+    }

@@ -22,7 +22,9 @@ from handler.store import ClaimedJob
 
 def a_job() -> ClaimedJob:
     now = datetime.now(UTC)
-    return ClaimedJob(uuid.uuid4(), uuid.uuid4(), "ingest_slack", {}, 0, 1, 5, now, now, now, False)
+    return ClaimedJob(
+        uuid.uuid4(), uuid.uuid4(), "ingest_slack", "{}", 0, 1, 5, now, now, now, False
+    )
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

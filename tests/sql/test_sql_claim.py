@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import timedelta
 
@@ -21,7 +22,8 @@ def test_a_claim_leases_a_due_pending_job_to_the_worker(queue) -> None:
     # Then it gets the job, as its first attempt, leased to it for 120 s
     assert [c.id for c in claimed] == [job_id]
     job = claimed[0]
-    assert (job.tenant_id, job.job_type, job.payload) == (tenant, "ingest_slack", {"channel": "c1"})
+    assert (job.tenant_id, job.job_type) == (tenant, "ingest_slack")
+    assert json.loads(job.payload_json) == {"channel": "c1"}
     assert (job.priority, job.attempt, job.max_attempts, job.rescued) == (3, 1, 5, False)
     assert job.locked_until == now + timedelta(seconds=120)
     row = queue.job(job_id)

@@ -11,7 +11,9 @@ Contenders (each run in a fresh child process, so imports, pools and clients nev
    one at a time, over pg8000 and a synchronous ``httpx.Client``;
 4. PgQueuer and 5. procrastinate, each POSTing every job from an entrypoint/task per job type
    with an async HTTP client (50 requests in flight), at the settings ``--tune`` found best
-   (``PEER_SETTINGS`` below; ``bench/results/peer_tuning.md``).
+   (``PEER_SETTINGS`` below; ``bench/results/peer_tuning.md``), three times over: with
+   ``httpx2.AsyncClient`` (the httpx API, as ours: "the best peer" of the targets), with
+   ``httpx.AsyncClient`` 0.28, and with ``aiohttp.ClientSession`` (outside the httpx API).
 
 Workloads: ``--jobs 5000 --delay-ms 0`` and ``--jobs 1000 --delay-ms 50`` (default: both).
 The jobs (10 tenants, the 5 job types of the default routes, payload ``{"seq": i}``) are
@@ -29,7 +31,7 @@ contenders rotated each time; medians (min-max).
 A last phase counts the SQL statements one batch of ``ours`` sends, by kind, for N = 100, 1000
 and 5000, with and without the idempotency store.
 
-Run (about 10 minutes; writes ``bench/results/throughput.md``)::
+Run (about 20 minutes; writes ``bench/results/throughput.md``)::
 
     python bench/throughput.py --database-url postgresql://postgres@localhost:5432/postgres
 

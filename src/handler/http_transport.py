@@ -5,9 +5,9 @@ worker only ever sends small POSTs and keeps at most MAX_BODY_BYTES of an answer
 the answer's head in one buffer and splits it in one call, where `http.client` would parse
 headers through the `email` package: on the 2-core benchmark machine, at 50 requests in flight,
 httpx2 over it costs 0.19 ms of CPU per request against 0.44 ms over httpx2's default transport
-(bench/results/http_stacks.md), and CPU per request is what bounds a batch at high concurrency. The httpx API above it is unchanged (timeouts, redirects
-off, TLS verified with the context given); errors are raised as the httpx exceptions the default
-transport raises.
+(bench/results/http_stacks.md), and CPU per request is what bounds a batch at high concurrency.
+The httpx API above it is unchanged (timeouts, redirects off, TLS verified with the context
+given); errors are raised as the httpx exceptions the default transport raises.
 
 What it accepts of a server: HTTP/1.0 and 1.1 status lines, informational (1xx) answers skipped,
 bodies framed by Content-Length, chunked, or the end of the connection. Anything else (a head

@@ -8,6 +8,7 @@ import contextlib
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ class Answer:
     data: bytes
     close: bool = False  # close the connection after writing
     piece: int = 0  # write in pieces of this many bytes (0: all at once)
+    pause: float = 0.0  # between pieces
 
 
 @dataclass
@@ -73,6 +75,8 @@ class RawServer:
             step = answer.piece or len(answer.data) or 1
             for start in range(0, len(answer.data), step):
                 conn.sendall(answer.data[start : start + step])
+                if answer.pause:
+                    time.sleep(answer.pause)  # a server that trickles, on purpose
             if answer.close:
                 return
 
@@ -210,6 +214,44 @@ def test_bytes_after_the_answer_make_the_connection_unusable(
             "more than 100 headers",
         ),
         (Answer(b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70_000, close=True), "exceed 64 KiB"),
+        (Answer(b"HTTP/1.1 200 OK\r\nX: " + b"y" * 100_000 + b"\r\n\r\n"), "exceed 64 KiB"),
+        (Answer(b"HTTP/1.1 099 Early\r\n\r\n"), "not an HTTP/1.x status line"),
+        (Answer(b"HTTP/1.1 101 Switching Protocols\r\n\r\n"), "101 Switching Protocols"),
+        (Answer(b"HTTP/1.1 100 Continue\r\n\r\n" * 11), "more than 10 informational"),
+        (Answer(b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok"), "LF alone"),
+        (Answer(b"HTTP/1.1 200 OK\r\nX: a\nContent-Length: 2\r\n\r\nok"), "malformed header"),
+        (
+            Answer(b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n"),
+            "invalid Content-Length",
+        ),
+        (
+            Answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"),
+            "Transfer-Encoding",
+        ),
+        (
+            Answer(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            ),
+            "Transfer-Encoding",
+        ),
+        (
+            Answer(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n"
+                + (b"X-Trailer: " + b"t" * 1000 + b"\r\n") * 70
+            ),
+            "trailers exceed 64 KiB",
+        ),
+        *[
+            (
+                Answer(
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n%s\r\n" % size,
+                    close=True,
+                ),
+                "invalid chunk size",
+            )
+            for size in (b"-ffffffff", b"0x10", b"1_0", b"+5", b"")
+        ],
     ],
 )
 def test_a_malformed_or_cut_answer_is_a_protocol_error_and_the_connection_is_dropped(
@@ -239,6 +281,36 @@ def test_a_body_past_the_limit_is_cut_there_and_its_connection_dropped(
     assert len(post(client, server.url).content) == MAX_BODY_BYTES
     assert post(client, server.url).text == "ok"
     assert server.connections == 2
+
+
+def test_both_framings_at_once_read_as_chunked_and_the_connection_is_not_reused(
+    server: RawServer, client: httpx2.Client
+) -> None:
+    server.answers = [
+        Answer(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"2\r\nok\r\n0\r\n\r\n"
+        ),
+        OK,
+    ]
+    assert post(client, server.url).text == "ok"
+    assert post(client, server.url).text == "ok"
+    assert server.connections == 2
+
+
+def test_a_streamed_request_body_is_refused(server: RawServer, client: httpx2.Client) -> None:
+    with pytest.raises(httpx2.LocalProtocolError, match="Streamed request bodies"):
+        client.post(server.url, content=iter([b"{}"]))
+    assert server.connections == 0
+
+
+def test_the_read_timeout_bounds_the_whole_answer_not_each_read(
+    server: RawServer, client: httpx2.Client
+) -> None:
+    # A byte every 20 ms never lets one read wait 0.3 s; the call still ends at its timeout.
+    server.answers = [Answer(b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 10_000, piece=1, pause=0.02)]
+    with pytest.raises(httpx2.ReadTimeout):
+        client.post(server.url, content=b"{}", timeout=0.3)
 
 
 def test_a_header_that_would_split_the_request_is_refused_before_connecting(

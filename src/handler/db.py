@@ -7,6 +7,7 @@ The password never leaves this module in a message: `ConnectionSettings.__repr__
 from __future__ import annotations
 
 import functools
+import os
 import socket
 import ssl
 from collections.abc import Mapping
@@ -149,13 +150,15 @@ def connect(settings: ConnectionSettings) -> pg8000.native.Connection:
                 application_name=settings.application_name,
                 tcp_keepalive=True,
             )
-        except pg8000.native.DatabaseError:
+        except BaseException as exc:
             if sock is not None:
-                sock.close()
-            raise  # the server answered (bad password, no such database): say so as it is
-        except (OSError, pg8000.native.InterfaceError) as exc:
-            if sock is not None:
-                sock.close()
+                # Closed for good: a file object pg8000 made over it would otherwise keep the
+                # descriptor open until it is garbage-collected.
+                os.close(sock.detach())
+            if isinstance(exc, pg8000.native.DatabaseError) or not isinstance(exc, Exception):
+                raise  # the server answered (bad password, no such database): say so as it is
+            # Unreachable, refused, TLS refused, or not PostgreSQL at all (pg8000 then fails
+            # in ways of its own, a UnicodeDecodeError among them): try the next way, if any.
             last = exc
             continue
         conn.register_in_adapter(_TIMESTAMPTZ_OID, _timestamptz_in)

@@ -3,7 +3,9 @@ one segment would otherwise wait ~40 ms for the server's delayed ACK), keep-aliv
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import threading
 
 import pytest
 
@@ -43,3 +45,28 @@ def test_a_connection_over_tcp_uses_such_a_socket(database_url: str) -> None:
         conn.close()
     assert nodelay != 0
     assert keepalive != 0
+
+
+@pytest.mark.parametrize("sslmode", ["disable", "prefer", "require"])
+def test_a_server_that_is_not_postgresql_is_reported_as_unreachable(sslmode: str) -> None:
+    """It answers one byte of nonsense to whatever it is sent, then hangs up."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            # Until the listener closes (prefer makes two attempts: TLS, then plain).
+            with contextlib.suppress(OSError):
+                while True:
+                    conn, _ = listener.accept()
+                    with conn:
+                        conn.recv(1024)
+                        conn.sendall(b"\xff")
+
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        settings = db.parse_database_url(
+            f"postgresql://u:s3cret@127.0.0.1:{port}/d?sslmode={sslmode}&connect_timeout=5"
+        )
+        with pytest.raises(db.DatabaseUnavailableError, match="cannot connect to PostgreSQL") as e:
+            db.connect(settings)
+    assert "s3cret" not in str(e.value)

@@ -61,8 +61,13 @@ class Settings:
         if self.service_role_key is not None:
             return self.service_role_key
         assert self.service_role_key_secret_arn is not None
-        return _service_key_from_secret(
-            _fetch_secret(self.service_role_key_secret_arn, "SUPABASE_SERVICE_ROLE_KEY_SECRET_ARN")
+        return _check_header_safe(
+            _service_key_from_secret(
+                _fetch_secret(
+                    self.service_role_key_secret_arn, "SUPABASE_SERVICE_ROLE_KEY_SECRET_ARN"
+                )
+            ),
+            "SUPABASE_SERVICE_ROLE_KEY_SECRET_ARN",
         )
 
 
@@ -86,6 +91,8 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
         raise ConfigurationError(
             "SUPABASE_SERVICE_ROLE_KEY", "is not set (nor SUPABASE_SERVICE_ROLE_KEY_SECRET_ARN)"
         )
+    if key is not None:
+        _check_header_safe(key, "SUPABASE_SERVICE_ROLE_KEY")
     if key_arn is not None and key is None:
         _check_arn(key_arn, "SUPABASE_SERVICE_ROLE_KEY_SECRET_ARN")
 
@@ -231,6 +238,18 @@ def _fetch_secret_json(arn: str, variable: str) -> dict[str, object]:
             variable, "secret is not a JSON object (expected the RDS secret shape)"
         )
     return value
+
+
+def _check_header_safe(key: str, variable: str) -> str:
+    """The key goes into the Authorization header: printable ASCII, no spaces. The message
+    never quotes it."""
+    if not (key.isascii() and key.isprintable()) or " " in key:
+        raise ConfigurationError(
+            variable,
+            "holds a key with characters an HTTP header cannot carry (only printable ASCII "
+            "without spaces): check that the whole key, and only the key, was pasted",
+        )
+    return key
 
 
 def _service_key_from_secret(raw: str) -> str:

@@ -109,28 +109,28 @@ class Dispatcher:
         """Sends the job; never raises for what the function or the network did."""
         started = time.perf_counter()
         client = self._client()
-        # A Request built whole rather than through client.build_request, which would merge
-        # (and re-parse) the URL and the client's default headers on every call.
-        request = httpx2.Request(
-            "POST",
-            self.url_for(route),
-            content=request_body(job),
-            headers={
-                "Authorization": f"Bearer {self._key}",
-                "Content-Type": "application/json",
-                "Idempotency-Key": str(job.id),
-                "User-Agent": USER_AGENT,
-            },
-            extensions={"timeout": dict.fromkeys(_TIMEOUT_PHASES, timeout)},
-        )
         try:
+            # A Request built whole rather than through client.build_request, which would
+            # merge (and re-parse) the URL and the client's default headers on every call.
+            request = httpx2.Request(
+                "POST",
+                self.url_for(route),
+                content=request_body(job),
+                headers={
+                    "Authorization": f"Bearer {self._key}",
+                    "Content-Type": "application/json",
+                    "Idempotency-Key": str(job.id),
+                    "User-Agent": USER_AGENT,
+                },
+                extensions={"timeout": dict.fromkeys(_TIMEOUT_PHASES, timeout)},
+            )
             response = client.send(request, stream=True)
             try:
                 body = _read_bounded(response)
             finally:
                 response.close()
         except (httpx2.HTTPError, OSError, ValueError) as exc:
-            # ValueError: some malformed answers surface from the parser as such.
+            # ValueError: a header httpx2 cannot encode (a key that is not ASCII, say) is one.
             outcome = classify_network_error(route.function, exc, secrets=self._secrets)
             return Delivery(outcome, (time.perf_counter() - started) * 1000)
         latency = (time.perf_counter() - started) * 1000

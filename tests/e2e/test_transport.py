@@ -153,3 +153,14 @@ def test_an_answer_longer_than_the_read_limit_is_cut_and_its_connection_dropped(
     assert delivery.outcome.status == 500
     assert delivery.outcome.error is not None
     assert len(delivery.outcome.error) < 1000
+
+
+def test_a_key_that_cannot_go_in_a_header_fails_the_call_without_raising(standin: StandIn) -> None:
+    dispatcher = Dispatcher(standin.base_url, "clé-secrète")
+    try:
+        delivery = dispatcher.post(a_job(), Route("ingest-slack"), timeout=5)
+    finally:
+        dispatcher.close()
+    assert delivery.outcome.kind == "failed"
+    assert "secrète" not in (delivery.outcome.error or "")
+    assert standin.requests() == []

@@ -163,6 +163,19 @@ def test_the_service_role_key_resolves_from_a_plain_or_json_secret(
 # Errors ---------------------------------------------------------------------------------------
 
 
+def test_a_key_secret_holding_more_than_a_key_fails_without_showing_it(
+    create_secret: Callable[..., str], database_url: str
+) -> None:
+    arn = create_secret(f"{SECRET_KEY}\nsomething pasted along with it")
+    settings = parse_settings(
+        BASE | {"DATABASE_URL": database_url, "SUPABASE_SERVICE_ROLE_KEY_SECRET_ARN": arn}
+    )
+    with pytest.raises(ConfigurationError, match="characters an HTTP header cannot carry") as e:
+        settings.service_role_key_value()
+    assert e.value.variable == "SUPABASE_SERVICE_ROLE_KEY_SECRET_ARN"
+    assert SECRET_KEY not in str(e.value)
+
+
 @pytest.mark.parametrize(
     "variable", ["DATABASE_SECRET_ARN", "SUPABASE_SERVICE_ROLE_KEY_SECRET_ARN"]
 )

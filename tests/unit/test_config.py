@@ -194,6 +194,15 @@ def test_functions_base_url_with_a_query_is_named() -> None:
     assert "query string" in str(error)
 
 
+@pytest.mark.parametrize("key", ["clé-secrète", "key with spaces", "key\r\nX-Evil: 1", "k\x00"])
+def test_a_service_role_key_no_header_can_carry_is_refused_without_showing_it(key: str) -> None:
+    error = config_error(SUPABASE_SERVICE_ROLE_KEY=key)
+
+    assert error.variable == "SUPABASE_SERVICE_ROLE_KEY"
+    assert "characters an HTTP header cannot carry" in str(error)
+    assert key not in str(error)
+
+
 def test_missing_service_role_key_is_named() -> None:
     error = config_error(SUPABASE_SERVICE_ROLE_KEY=None)
 

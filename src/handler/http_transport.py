@@ -133,12 +133,14 @@ def _request_bytes(request: httpx2.Request) -> bytes:
 class _Connection:
     """A socket and the bytes read from it that no answer has consumed yet."""
 
-    __slots__ = ("buf", "deadline", "sock")
+    __slots__ = ("_idle", "buf", "deadline", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buf = bytearray()
         self.deadline: float | None = None  # time.monotonic() by which the answer must be in
+        self._idle = select.poll()
+        self._idle.register(sock, select.POLLIN)
 
     def closed_by_peer(self) -> bool:
         """An idle keep-alive socket that is readable has been closed (or written to) by the
@@ -147,9 +149,7 @@ class _Connection:
         if self.buf:
             return True
         try:
-            poller = select.poll()
-            poller.register(self.sock, select.POLLIN)
-            return bool(poller.poll(0))
+            return bool(self._idle.poll(0))
         except (OSError, ValueError):
             return True  # cannot tell: a new connection is the safe choice
 

@@ -131,6 +131,21 @@ TUNING: dict[str, dict[str, dict[str, Any]]] = {
             "driver": "connection",
             "http": "httpx",
         },
+        "batch 100, httpx": {
+            "batch_size": 100,
+            "concurrency_limit": 0,
+            "driver": "connection",
+            "http": "httpx",
+        },
+        **{
+            f"batch {size}, httpx2": {
+                "batch_size": size,
+                "concurrency_limit": 0,
+                "driver": "connection",
+                "http": "httpx2",
+            }
+            for size in (10, 50, 100)
+        },
     },
     "procrastinate": {
         "pool 4 (default)": {"concurrency": 50, "pool_size": 4},
@@ -139,6 +154,21 @@ TUNING: dict[str, dict[str, dict[str, Any]]] = {
         "pool 50": {"concurrency": 50, "pool_size": 50},
         "pool 10, no LISTEN": {"concurrency": 50, "pool_size": 10, "listen_notify": False},
         "pool 10, httpx": {"concurrency": 50, "pool_size": 10, "http": "httpx"},
+        "pool 10, no LISTEN, httpx": {
+            "concurrency": 50,
+            "pool_size": 10,
+            "listen_notify": False,
+            "http": "httpx",
+        },
+        **{
+            f"pool {size}, no LISTEN, httpx2": {
+                "concurrency": 50,
+                "pool_size": size,
+                "listen_notify": False,
+                "http": "httpx2",
+            }
+            for size in (4, 10, 25)
+        },
     },
 }
 PACKAGES = (
@@ -922,8 +952,8 @@ def tune(args: argparse.Namespace) -> None:
         f"- {info['packages']}",
         f"- load average (1 min) before / after: {info['load_before']} / {info['load_after']}",
         "- Every variant POSTs with aiohttp (50 connections) unless it says httpx "
-        "(`httpx.AsyncClient` 0.28, 50 connections). Same workload, stand-in and checks as "
-        "the throughput benchmark.",
+        "(`httpx.AsyncClient` 0.28) or httpx2 (`httpx2.AsyncClient`), 50 connections too. Same "
+        "workload, stand-in and checks as the throughput benchmark.",
         "",
         "| peer | variant | settings | jobs | delay | jobs/s | CPU ms/job | check |",
         "|---|---|---|---:|---:|---:|---:|---|",
@@ -947,9 +977,13 @@ def tune(args: argparse.Namespace) -> None:
                 )
     lines += [
         "",
-        "The throughput benchmark uses, for each peer, the variant with the best geometric mean "
-        "of its two medians: "
-        + "; ".join(f"{peer} `{json.dumps(PEER_SETTINGS[peer])}`" for peer in peers)
+        "The throughput benchmark uses, for each peer and HTTP client, the variant with the "
+        "best geometric mean of its two medians: "
+        + "; ".join(
+            f"{CONTENDERS[name]} `{json.dumps(settings)}`"
+            for name, settings in PEER_SETTINGS.items()
+            if name.split("-")[0] in peers
+        )
         + ".",
     ]
     text = "\n".join(lines) + "\n"

@@ -91,28 +91,29 @@ PEER_FAMILIES = {
 }
 OURS = ("ours", "ours-idem")
 
-# The peers' best settings, from `--tune` (bench/results/peer_tuning.md): for each, the variant
-# with the best geometric mean of its medians over both workloads (PgQueuer's batch 50 and 100
-# are within the noise of each other). Both POST with aiohttp, 50 connections: with
-# httpx.AsyncClient (0.28) they reach 70-140 jobs/s, at 5-12 ms of CPU per job.
+# The peers' best settings, from `--tune` (bench/results/peer_tuning.md): for each peer and
+# HTTP client, the variant with the best geometric mean of its medians over both workloads
+# (several are within the noise of each other). 50 connections everywhere.
+_PGQUEUER = {"concurrency_limit": 0, "driver": "connection"}
 PEER_SETTINGS: dict[str, dict[str, Any]] = {
-    "pgqueuer": {
-        "batch_size": 100,
-        "concurrency_limit": 0,
-        "driver": "connection",
-        "http": "aiohttp",
+    "pgqueuer": _PGQUEUER | {"batch_size": 100, "http": "aiohttp"},
+    "pgqueuer-httpx2": _PGQUEUER | {"batch_size": 100, "http": "httpx2"},
+    # httpx 0.28's pool costs more per request the more requests are in flight: small batches.
+    "pgqueuer-httpx": _PGQUEUER | {"batch_size": 10, "http": "httpx"},
+    "procrastinate": {"concurrency": 50, "pool_size": 4, "http": "aiohttp"},
+    "procrastinate-httpx2": {
+        "concurrency": 50,
+        "pool_size": 4,
+        "listen_notify": False,
+        "http": "httpx2",
     },
-    "procrastinate": {
+    "procrastinate-httpx": {
         "concurrency": 50,
         "pool_size": 10,
         "listen_notify": False,
-        "http": "aiohttp",
+        "http": "httpx",
     },
 }
-PEER_SETTINGS["pgqueuer-httpx2"] = PEER_SETTINGS["pgqueuer"] | {"http": "httpx2"}
-PEER_SETTINGS["procrastinate-httpx2"] = PEER_SETTINGS["procrastinate"] | {"http": "httpx2"}
-PEER_SETTINGS["pgqueuer-httpx"] = PEER_SETTINGS["pgqueuer"] | {"http": "httpx"}
-PEER_SETTINGS["procrastinate-httpx"] = PEER_SETTINGS["procrastinate"] | {"http": "httpx"}
 TUNING: dict[str, dict[str, dict[str, Any]]] = {
     "pgqueuer": {
         "batch 10": {"batch_size": 10, "concurrency_limit": 0, "driver": "connection"},
@@ -1064,15 +1065,19 @@ def report(
         "(ours + PostgreSQL idempotency store): one batch through the Lambda's code path.",
         "- the seed's design: `claim_next_job`, POST, `complete_job`, one job at a time, "
         "pg8000 and a synchronous `httpx.Client` (0.28).",
-        "- PgQueuer: `QueueManager` in drain mode, one entrypoint per job type; "
-        f"`{json.dumps(PEER_SETTINGS['pgqueuer'])}`. procrastinate: `run_worker_async("
-        "wait=False)`, one task per job type; "
-        f"`{json.dumps(PEER_SETTINGS['procrastinate'])}`. Each peer runs three times, with "
-        "each HTTP client it could POST with: `httpx2.AsyncClient` (the httpx API, as ours, "
-        "and the peers' fastest client with it: the comparison the targets are about, \"vs "
-        "best peer\"); `httpx.AsyncClient` 0.28 (the httpx release the issue's figures for "
+        "- PgQueuer: `QueueManager` in drain mode, one entrypoint per job type. procrastinate: "
+        "`run_worker_async(wait=False)`, one task per job type. Each peer runs three times, "
+        "with each HTTP client it could POST with: `httpx2.AsyncClient` (the httpx API, as "
+        "ours, and the peers' fastest client with it: the comparison the targets are about, "
+        '"vs best peer"); `httpx.AsyncClient` 0.28 (the httpx release the issue\'s figures for '
         "the peers come from); `aiohttp.ClientSession` (a client outside the httpx API, for "
-        "reference). 50 connections, so at most 50 requests in flight, everywhere.",
+        "reference). 50 connections, so at most 50 requests in flight, everywhere. Each at the "
+        "settings `--tune` found best for it with that client (`peer_tuning.md`): "
+        + "; ".join(
+            f"{CONTENDERS[name]} `{json.dumps(settings)}`"
+            for name, settings in PEER_SETTINGS.items()
+        )
+        + ".",
         "- Checks: the stand-in records every request; each `seq` must arrive exactly once, "
         "and the contender's own tables must show every job finished (ours and the seed: "
         "`completed`; PgQueuer: a `successful` log entry, queue empty; procrastinate: "

@@ -152,9 +152,7 @@ def connect(settings: ConnectionSettings) -> pg8000.native.Connection:
             )
         except BaseException as exc:
             if sock is not None:
-                # Closed for good: a file object pg8000 made over it would otherwise keep the
-                # descriptor open until it is garbage-collected.
-                os.close(sock.detach())
+                _close_for_good(sock)
             if isinstance(exc, pg8000.native.DatabaseError) or not isinstance(exc, Exception):
                 raise  # the server answered (bad password, no such database): say so as it is
             # Unreachable, refused, TLS refused, or not PostgreSQL at all (pg8000 then fails
@@ -178,6 +176,14 @@ def _tcp_socket(settings: ConnectionSettings) -> socket.socket:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     return sock
+
+
+def _close_for_good(sock: socket.socket) -> None:
+    """Closes the descriptor now: a file object pg8000 made over the socket would otherwise
+    keep it open until garbage-collected. pg8000 may have closed it already (TLS refused)."""
+    fd = sock.detach()
+    if fd >= 0:
+        os.close(fd)
 
 
 _TIMESTAMPTZ_OID = 1184

@@ -47,9 +47,13 @@ def test_a_connection_over_tcp_uses_such_a_socket(database_url: str) -> None:
     assert keepalive != 0
 
 
+@pytest.mark.parametrize("answer", [b"\xff", b"N"], ids=["nonsense", "refuses-tls"])
 @pytest.mark.parametrize("sslmode", ["disable", "prefer", "require"])
-def test_a_server_that_is_not_postgresql_is_reported_as_unreachable(sslmode: str) -> None:
-    """It answers one byte of nonsense to whatever it is sent, then hangs up."""
+def test_a_server_that_is_not_postgresql_is_reported_as_unreachable(
+    sslmode: str, answer: bytes
+) -> None:
+    """It answers one byte to whatever it is sent, then hangs up: nonsense, or the "N" with
+    which PostgreSQL refuses TLS (pg8000 then closes the socket itself)."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port = listener.getsockname()[1]
 
@@ -60,7 +64,7 @@ def test_a_server_that_is_not_postgresql_is_reported_as_unreachable(sslmode: str
                     conn, _ = listener.accept()
                     with conn:
                         conn.recv(1024)
-                        conn.sendall(b"\xff")
+                        conn.sendall(answer)
 
         server = threading.Thread(target=serve, daemon=True)
         server.start()

@@ -36,7 +36,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,8 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+import benchlib
 
 CONCURRENCY = 50
 DELAYS_MS = (0, 50)
@@ -397,38 +398,6 @@ def measure(stack: str, url: str, n: int, server_pid: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def machine() -> dict[str, str]:
-    cpu_model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = []
-    for name in PACKAGES:
-        try:
-            versions.append(f"{name} {importlib.metadata.version(name)}")
-        except importlib.metadata.PackageNotFoundError:
-            versions.append(f"{name} (not installed)")
-    nproc = subprocess.run(["nproc"], capture_output=True, text=True, check=False).stdout.strip()
-    return {
-        "nproc": nproc or str(os.cpu_count()),
-        "cpu": cpu_model,
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "os": f"{platform.system()} {platform.release()} {platform.machine()}",
-        "packages": ", ".join(versions),
-    }
-
-
-def load_average() -> str:
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except OSError:
-        return "n/a"
-
-
 def fmt(values: list[float], digits: int) -> str:
     return (
         f"{statistics.median(values):,.{digits}f} "
@@ -530,8 +499,8 @@ def drive(args: argparse.Namespace) -> None:
     if args.quick:
         REQUESTS_RUN.update(dict.fromkeys(DELAYS_MS, 500))
     stacks = [s for s in STACKS if not args.stacks or s in args.stacks]
-    info = machine()
-    info["load_before"] = load_average()
+    info = benchlib.machine(PACKAGES)
+    info["load_before"] = benchlib.load_average()
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     client_cpu: int | None = None
     runs: list[dict[str, Any]] = []
@@ -568,7 +537,7 @@ def drive(args: argparse.Namespace) -> None:
                         sys.stderr.write(out.stderr)
                         raise SystemExit(f"{stack} failed at {delay} ms")
                     result = json.loads(out.stdout.strip().splitlines()[-1])
-                    result.update(rep=rep, delay_ms=delay, load=load_average())
+                    result.update(rep=rep, delay_ms=delay, load=benchlib.load_average())
                     runs.append(result)
                     print(
                         f"rep {rep} {delay:>2} ms {stack:<15} "
@@ -577,7 +546,7 @@ def drive(args: argparse.Namespace) -> None:
                         f"errors {result['errors']}",
                         flush=True,
                     )
-    info["load_after"] = load_average()
+    info["load_after"] = benchlib.load_average()
     text = report(runs, info, args)
     out_path = Path(args.output) if args.output else RESULTS
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -66,7 +66,7 @@ def postgres(url: str | None) -> Iterator[str]:
     if url:
         yield url
         return
-    from handler import embedded
+    from handler.local import embedded
 
     with tempfile.TemporaryDirectory(prefix="qw-bench-") as folder:
         yield embedded.start(Path(folder) / "pgdata", temporary=True)
@@ -83,12 +83,12 @@ def connect(url: str, *, timeout: float | None = None) -> Any:
     (seconds) bounds every socket operation, so a long statement needs a long one."""
     import dataclasses
 
-    from handler import db
+    from handler.queue import connection
 
-    settings = db.parse_database_url(url)
+    settings = connection.parse_database_url(url)
     if timeout is not None:
         settings = dataclasses.replace(settings, connect_timeout=timeout)
-    return db.connect(settings)
+    return connection.connect(settings)
 
 
 def recreate_database(admin_url: str, name: str) -> str:
@@ -112,7 +112,7 @@ def drop_database(admin_url: str, name: str) -> None:
 
 def install_queue_schema(url: str) -> None:
     """Our migrations (queue, idempotency store, schedules, maintenance)."""
-    from handler import migrations
+    from handler.queue import migrations
 
     conn = connect(url)
     try:

@@ -86,7 +86,7 @@ def table_size(url: str) -> dict[str, Any]:
 
 
 def measure(urls: dict[str, str], claims: int) -> dict[str, list[dict[str, float]]]:
-    from handler.store import QueueStore, Settlement
+    from handler.queue.store import QueueStore, Settlement
 
     stores = {kind: QueueStore(benchlib.connect(url)) for kind, url in urls.items()}
     samples: dict[str, list[dict[str, float]]] = {kind: [] for kind in stores}

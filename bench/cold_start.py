@@ -170,9 +170,9 @@ def after_import_state(modules: list[str]) -> dict[str, Any]:
 
 def batch_child(url: str, functions: str, store: str, *, trace: bool) -> dict[str, Any]:
     """Runs in a child: one batch of BATCH_JOBS through the Worker."""
-    from handler.config import parse_settings
-    from handler.events import parse_event
-    from handler.worker import Worker
+    from handler.runtime.events import parse_event
+    from handler.runtime.settings import parse_settings
+    from handler.runtime.worker import Worker
 
     rss_imports = benchlib.peak_rss_mib()
     if trace:
@@ -207,7 +207,7 @@ def batch_child(url: str, functions: str, store: str, *, trace: bool) -> dict[st
 
 
 def memory_runs(admin_url: str, repetitions: int) -> list[dict[str, Any]]:
-    from handler.standin import StandIn
+    from handler.local.standin import StandIn
 
     url = benchlib.recreate_database(admin_url, DATABASE)
     benchlib.install_queue_schema(url)
@@ -513,7 +513,7 @@ def report(
         f"## Memory of one batch ({BATCH_JOBS:,} jobs, 0 ms per request)",
         "",
         "A fresh process, `Worker(...).run(...)` with `MAX_CONCURRENCY=50`, against "
-        "`handler.standin`; peak RSS: the process's high-water mark (`VmHWM`; `ru_maxrss` "
+        "`handler.local.standin`; peak RSS: the process's high-water mark (`VmHWM`; `ru_maxrss` "
         "would carry the parent's peak into the child); traced peak from "
         f"`tracemalloc` in a separate run (Python allocations only). {args.memory_repetitions} "
         "repetitions; median (min-max).",

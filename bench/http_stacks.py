@@ -11,7 +11,7 @@ Every stack keeps the httpx API (the worker's code does not change), except one 
 6. reference, not the httpx API: ``aiohttp.ClientSession`` used directly.
 
 Each posts the worker's request (small JSON body, ``Authorization``, ``Idempotency-Key``) with 50
-requests in flight to the stand-in (``handler.standin``, its own process), answering after 0 ms
+requests in flight to the stand-in (``handler.local.standin``, its own process), answering after 0 ms
 and after 50 ms. Every measurement runs in a fresh child process: connections are opened by a
 warm-up first, then ``time.perf_counter()`` and ``time.process_time()`` (all threads) bracket the
 measured requests (a few thousand, or as many as start within MAX_RUN_S for slow stacks).
@@ -341,7 +341,7 @@ def measure(stack: str, url: str, n: int, server_pid: int) -> dict[str, Any]:
 
         import httpx2
 
-        from handler.http_transport import KeepAliveTransport
+        from handler.dispatch.http_transport import KeepAliveTransport
 
         context = ssl.create_default_context()
 
@@ -426,7 +426,7 @@ def report(runs: list[dict[str, Any]], info: dict[str, str], args: argparse.Name
         "",
         f"- {CONCURRENCY} requests in flight; POST of the worker's JSON body (~220 bytes) with "
         '`Authorization` and `Idempotency-Key`, response `{"ok": true}`.',
-        "- Server: `handler.standin` in its own process, answering after 0 ms or 50 ms.",
+        "- Server: `handler.local.standin` in its own process, answering after 0 ms or 50 ms.",
         f"- Each measurement: a fresh process, {WARMUP} warm-up requests (opens the "
         "connections), then "
         + ", ".join(f"{REQUESTS_RUN[d]:,} requests at {d} ms" for d in DELAYS_MS)
@@ -494,7 +494,7 @@ REQUESTS_RUN = dict(REQUESTS)
 
 
 def drive(args: argparse.Namespace) -> None:
-    from handler.standin import StandIn
+    from handler.local.standin import StandIn
 
     if args.quick:
         REQUESTS_RUN.update(dict.fromkeys(DELAYS_MS, 500))

@@ -19,7 +19,7 @@ Workloads: ``--jobs 5000 --delay-ms 0`` and ``--jobs 1000 --delay-ms 50`` (defau
 The jobs (10 tenants, the 5 job types of the default routes, payload ``{"seq": i}``) are
 inserted in bulk before each run (ours and the seed: one ``INSERT ... SELECT generate_series``;
 the peers: their own bulk enqueue), then ``VACUUM ANALYZE`` and ``CHECKPOINT``. Every contender
-has a database of its own on the same server. The functions are ``handler.standin`` (its own
+has a database of its own on the same server. The functions are ``handler.local.standin`` (its own
 process) answering 200 after the delay; it records every request, so each run is checked: every
 ``seq`` delivered exactly once, and every job finished in the contender's own tables. A
 contender that loses or repeats jobs is reported as such.
@@ -304,9 +304,9 @@ def headers_for(job_id: str) -> dict[str, str]:
 
 
 def run_ours(url: str, functions: str, jobs: int, store: str) -> dict[str, Any]:
-    from handler.config import parse_settings
-    from handler.events import parse_event
-    from handler.worker import Worker
+    from handler.runtime.events import parse_event
+    from handler.runtime.settings import parse_settings
+    from handler.runtime.worker import Worker
 
     clock = Clock()
     count_pg8000_statements(clock)
@@ -817,7 +817,7 @@ def rate(run: dict[str, Any], jobs: int) -> float:
 
 
 def drive(args: argparse.Namespace) -> None:
-    from handler.standin import StandIn
+    from handler.local.standin import StandIn
 
     workloads = [(args.jobs, args.delay_ms)] if args.jobs else list(WORKLOADS)
     if args.quick:
@@ -899,7 +899,7 @@ def show(run: dict[str, Any]) -> None:
 
 def tune(args: argparse.Namespace) -> None:
     """Measures each peer's settings variants on both workloads; writes peer_tuning.md."""
-    from handler.standin import StandIn
+    from handler.local.standin import StandIn
 
     reps = 1 if args.quick else args.repetitions
     workloads = [(300, 0.0), (100, 50.0)] if args.quick else list(WORKLOADS)
@@ -1051,7 +1051,7 @@ def report(
         "## Method",
         "",
         "- Workload: N jobs over 10 tenants and the 5 job types of the default routes "
-        '(payload `{"seq": i}`), each POSTed to `handler.standin` (its own process, one '
+        '(payload `{"seq": i}`), each POSTed to `handler.local.standin` (its own process, one '
         "server for all contenders) which answers 200 after the delay. Jobs are inserted in "
         "bulk before each run (ours and the seed: one `INSERT ... SELECT generate_series`; the "
         "peers: their own bulk enqueue), then `VACUUM ANALYZE` and `CHECKPOINT`.",

@@ -18,8 +18,9 @@ from pathlib import Path
 import pg8000.native
 import pytest
 
-from handler import db, embedded, migrations
-from handler.store import QueueStore
+from handler.local import embedded
+from handler.queue import connection, migrations
+from handler.queue.store import QueueStore
 
 # Tables emptied before each test (a later migration adds its own here).
 _TABLES = (
@@ -47,12 +48,12 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def database_url(server_url: str) -> Iterator[str]:
     """A fresh database for this test session, with every migration applied."""
-    admin_settings = db.parse_database_url(server_url)
+    admin_settings = connection.parse_database_url(server_url)
     name = f"queue_worker_test_{uuid.uuid4().hex[:12]}"
-    admin = db.connect(admin_settings)
+    admin = connection.connect(admin_settings)
     admin.run(f'CREATE DATABASE "{name}"')
     settings = replace(admin_settings, database=name)
-    conn = db.connect(settings)
+    conn = connection.connect(settings)
     migrations.migrate(conn)
     conn.close()
     yield _url_with_database(server_url, name)
@@ -78,7 +79,7 @@ def connect(database_url: str) -> Iterator[object]:
     opened: list[pg8000.native.Connection] = []
 
     def _connect() -> pg8000.native.Connection:
-        conn = db.connect(db.parse_database_url(database_url))
+        conn = connection.connect(connection.parse_database_url(database_url))
         opened.append(conn)
         return conn
 
@@ -91,10 +92,10 @@ def connect(database_url: str) -> Iterator[object]:
 @pytest.fixture
 def conn(database_url: str) -> Iterator[pg8000.native.Connection]:
     """A connection to an empty queue."""
-    connection = db.connect(db.parse_database_url(database_url))
-    connection.run("TRUNCATE " + ", ".join(_TABLES))
-    yield connection
-    connection.close()
+    session = connection.connect(connection.parse_database_url(database_url))
+    session.run("TRUNCATE " + ", ".join(_TABLES))
+    yield session
+    session.close()
 
 
 @pytest.fixture

@@ -6,10 +6,10 @@ from typing import Any
 
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from handler.config import load_settings
-from handler.events import parse_event
-from handler.observability import logger, metrics, tracer
-from handler.worker import Worker, report
+from handler.operate.observability import logger, metrics, tracer
+from handler.runtime.events import parse_event
+from handler.runtime.settings import load_settings
+from handler.runtime.worker import Worker, report
 
 _worker: Worker | None = None  # one per container: clients and connections are reused
 

@@ -14,14 +14,15 @@ from typing import Any
 import pg8000.native
 import pytest
 
-from handler import app, config
-from handler.batch import Summary
-from handler.config import Settings, parse_settings
-from handler.events import parse_event
-from handler.observability import metrics
-from handler.standin import StandIn
-from handler.store import QueueStore
-from handler.worker import Backlog, Worker
+from handler import app
+from handler.batch.runner import Summary
+from handler.local.standin import StandIn
+from handler.operate.observability import metrics
+from handler.queue.store import QueueStore
+from handler.runtime import settings
+from handler.runtime.events import parse_event
+from handler.runtime.settings import Settings, parse_settings
+from handler.runtime.worker import Backlog, Worker
 
 SERVICE_ROLE_KEY = "test-service-role-key-5f1c9b"
 
@@ -134,14 +135,14 @@ def lambda_env(
     for key, value in worker_env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("POWERTOOLS_TRACE_DISABLED", "true")
-    config.reset_settings_cache()
+    settings.reset_settings_cache()
     app._worker = None
     metrics.clear_metrics()
     yield worker_env
     if app._worker is not None:
         app._worker.close()
     app._worker = None
-    config.reset_settings_cache()
+    settings.reset_settings_cache()
     metrics.clear_metrics()
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from handler import app
-from handler.store import QueueStore
+from handler.queue.store import QueueStore
 
 from .conftest import FakeLambdaContext, emf_documents
 

@@ -10,8 +10,8 @@ import pg8000.native
 import pytest
 
 from handler import app
-from handler.standin import StandIn
-from handler.store import QueueStore
+from handler.local.standin import StandIn
+from handler.queue.store import QueueStore
 
 from .conftest import SERVICE_ROLE_KEY, FakeLambdaContext, RunBatch
 

@@ -10,10 +10,10 @@ from collections.abc import Callable
 import pg8000.native
 import pytest
 
-from handler.events import parse_event
-from handler.standin import StandIn
-from handler.store import QueueStore
-from handler.worker import Worker
+from handler.local.standin import StandIn
+from handler.queue.store import QueueStore
+from handler.runtime.events import parse_event
+from handler.runtime.worker import Worker
 
 JOB_TYPES = [
     "ingest_microsoft",

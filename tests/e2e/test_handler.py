@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from handler import app, config
+from handler import app
 from handler.errors import ConfigurationError, EventError
-from handler.store import QueueStore
+from handler.queue.store import QueueStore
+from handler.runtime import settings
 
 from .conftest import FakeLambdaContext, emf_documents
 
@@ -108,6 +109,6 @@ def test_bad_configuration_fails_the_invocation_naming_the_variable(
     lambda_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MAX_CONCURRENCY", "lots")
-    config.reset_settings_cache()
+    settings.reset_settings_cache()
     with pytest.raises(ConfigurationError, match="MAX_CONCURRENCY"):
         app.lambda_handler({}, FakeLambdaContext())

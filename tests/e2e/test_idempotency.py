@@ -8,8 +8,8 @@ from collections import Counter
 import pg8000.native
 import pytest
 
-from handler.standin import StandIn
-from handler.store import QueueStore
+from handler.local.standin import StandIn
+from handler.queue.store import QueueStore
 
 from .conftest import RunBatch
 

@@ -10,8 +10,8 @@ from typing import Any
 import pg8000.native
 import pytest
 
-from handler.standin import StandIn
-from handler.store import QueueStore
+from handler.local.standin import StandIn
+from handler.queue.store import QueueStore
 
 from .conftest import SERVICE_ROLE_KEY, RunBatch, job_state
 

@@ -12,11 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from handler.dispatch import Dispatcher, request_body
+from handler.dispatch.client import Dispatcher, request_body
+from handler.dispatch.routes import Route, parse_routes
 from handler.errors import ConfigurationError
-from handler.routes import Route, parse_routes
-from handler.standin import StandIn
-from handler.store import QueueStore
+from handler.local.standin import StandIn
+from handler.queue.store import QueueStore
 
 from .conftest import RunBatch, job_state
 

@@ -13,11 +13,11 @@ from datetime import UTC, datetime
 import pytest
 import trustme
 
-from handler.dispatch import Dispatcher
-from handler.http_transport import MAX_BODY_BYTES
-from handler.routes import Route
-from handler.standin import StandIn
-from handler.store import ClaimedJob
+from handler.dispatch.client import Dispatcher
+from handler.dispatch.http_transport import MAX_BODY_BYTES
+from handler.dispatch.routes import Route
+from handler.local.standin import StandIn
+from handler.queue.store import ClaimedJob
 
 
 def a_job() -> ClaimedJob:

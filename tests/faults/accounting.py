@@ -15,8 +15,8 @@ from uuid import UUID
 
 import pg8000.native
 
-from handler.delivery import IDEMPOTENCY_KEY_PREFIX
-from handler.standin import ReceivedRequest, StandIn
+from handler.dispatch.guard import IDEMPOTENCY_KEY_PREFIX
+from handler.local.standin import ReceivedRequest, StandIn
 
 
 def account(conn: pg8000.native.Connection, job_ids: Iterable[UUID | str]) -> Counter[str]:

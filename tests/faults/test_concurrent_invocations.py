@@ -9,10 +9,10 @@ from collections.abc import Callable
 import pg8000.native
 import pytest
 
-from handler.batch import Summary
-from handler.events import parse_event
-from handler.standin import StandIn
-from handler.worker import Worker
+from handler.batch.runner import Summary
+from handler.local.standin import StandIn
+from handler.runtime.events import parse_event
+from handler.runtime.worker import Worker
 
 from .accounting import account, enqueue_many, sent
 

@@ -19,12 +19,13 @@ from typing import Any
 import pg8000.native
 import pytest
 
-from handler import db, embedded, migrations
-from handler.batch import Summary
-from handler.events import parse_event
-from handler.standin import StandIn
-from handler.store import QueueStore
-from handler.worker import Worker
+from handler.batch.runner import Summary
+from handler.local import embedded
+from handler.local.standin import StandIn
+from handler.queue import connection, migrations
+from handler.queue.store import QueueStore
+from handler.runtime.events import parse_event
+from handler.runtime.worker import Worker
 
 from .accounting import account, enqueue_many, expire_leases, idempotency_records, sent
 from .conftest import RunBatch, settings_for
@@ -104,7 +105,7 @@ class RestartableServer:
 def restartable_server() -> Iterator[RestartableServer]:
     server = RestartableServer()
     try:
-        conn = db.connect(db.parse_database_url(server.url))
+        conn = connection.connect(connection.parse_database_url(server.url))
         migrations.migrate(conn)
         conn.close()
         yield server
@@ -117,8 +118,8 @@ def test_postgresql_restarted_mid_batch(
     restartable_server: RestartableServer, standin: StandIn, worker_env: dict[str, str]
 ) -> None:
     url = restartable_server.url
-    settings = db.parse_database_url(url)
-    conn = db.connect(settings)
+    settings = connection.parse_database_url(url)
+    conn = connection.connect(settings)
     jobs = enqueue_many(conn, uuid.uuid4(), "process_embeddings", 20)
     [[started_before]] = conn.run("SELECT pg_postmaster_start_time()")
     conn.close()
@@ -130,7 +131,7 @@ def test_postgresql_restarted_mid_batch(
     finally:
         worker.close()
 
-    conn = db.connect(settings)
+    conn = connection.connect(settings)
     try:
         [[started_after]] = conn.run("SELECT pg_postmaster_start_time()")
         assert started_after > started_before  # it did restart: every old session is gone

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import pg8000.native
 
-from handler.standin import StandIn
+from handler.local.standin import StandIn
 
 from .accounting import account, enqueue_many, make_due, sent
 from .conftest import RunBatch, job_state

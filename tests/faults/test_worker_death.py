@@ -20,7 +20,7 @@ from pathlib import Path
 import pg8000.native
 import pytest
 
-from handler.standin import StandIn
+from handler.local.standin import StandIn
 
 from .accounting import (
     account,
@@ -59,7 +59,7 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_repeats_only_calls_in_fligh
     env = os.environ | worker_env | {"HTTP_TIMEOUT_SECONDS": "30", "MAX_JOBS_PER_TENANT": "100"}
     with log.open("wb") as output:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "handler.cli", "run", "--budget", "60"],
+            [sys.executable, "-m", "handler.local.cli", "run", "--budget", "60"],
             env=env,
             stdout=output,
             stderr=subprocess.STDOUT,

@@ -22,12 +22,12 @@ import pg8000.native
 import pytest
 from botocore.stub import Stubber
 
-from handler import fanout
-from handler.events import parse_event
-from handler.fanout import FanOutPlan
-from handler.standin import StandIn
-from handler.store import QueueStore
-from handler.worker import Worker
+from handler.local.standin import StandIn
+from handler.operate import fanout
+from handler.operate.fanout import FanOutPlan
+from handler.queue.store import QueueStore
+from handler.runtime.events import parse_event
+from handler.runtime.worker import Worker
 
 from .conftest import FakeLambdaContext
 

@@ -17,10 +17,10 @@ from typing import Any
 import pg8000.native
 import pytest
 
-from handler.dispatch import Delivery, Dispatcher
-from handler.routes import Route
-from handler.standin import StandIn
-from handler.store import ClaimedJob, QueueStore
+from handler.dispatch.client import Delivery, Dispatcher
+from handler.dispatch.routes import Route
+from handler.local.standin import StandIn
+from handler.queue.store import ClaimedJob, QueueStore
 
 from .conftest import RunBatch
 

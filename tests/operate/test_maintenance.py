@@ -15,9 +15,10 @@ from typing import Any
 import pg8000.native
 import pytest
 
-from handler import app, maintenance
-from handler.maintenance import PruneReport
-from handler.store import QueueStore, Settlement
+from handler import app
+from handler.operate import maintenance
+from handler.operate.maintenance import PruneReport
+from handler.queue.store import QueueStore, Settlement
 
 from .conftest import FakeLambdaContext, RunBatch, emf_documents
 

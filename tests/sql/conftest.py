@@ -18,17 +18,22 @@ from uuid import UUID
 import pg8000.native
 import pytest
 
-from handler import db
-from handler.store import ClaimedJob, QueueStore
+from handler.queue import connection
+from handler.queue.store import ClaimedJob, QueueStore
 
-_TABLES = ("queue_jobs", "queue_jobs_dead_letter", "queue_job_dependencies")
+_TABLES = (
+    "queue_jobs",
+    "queue_jobs_dead_letter",
+    "queue_job_dependencies",
+    "queue_idempotency",
+)
 
 
 @pytest.fixture(scope="session")
 def _sql_session(database_url: str) -> Iterator[pg8000.native.Connection]:
-    connection = db.connect(db.parse_database_url(database_url))
-    yield connection
-    connection.close()
+    session = connection.connect(connection.parse_database_url(database_url))
+    yield session
+    session.close()
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from handler import db
+from handler.queue import connection
 
 FLOOR, CAP = 5.0, 3600.0
 
@@ -23,7 +23,7 @@ jitters = st.floats(min_value=0.0, max_value=1.0)
 @pytest.fixture(scope="module")
 def session(database_url: str) -> Iterator[pg8000.native.Connection]:
     """One connection for every example (hypothesis runs many per test)."""
-    conn = db.connect(db.parse_database_url(database_url))
+    conn = connection.connect(connection.parse_database_url(database_url))
     yield conn
     conn.close()
 

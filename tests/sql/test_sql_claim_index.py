@@ -9,7 +9,7 @@ from typing import Any
 import pg8000.native
 import pytest
 
-from handler import db
+from handler.queue import connection
 
 # The statements claim_jobs runs, copied from its SQL with literal values. {tenant} is filled in.
 PER_TENANT_READ = """
@@ -78,7 +78,7 @@ def _explain(conn: pg8000.native.Connection, sql: str) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def history(database_url: str) -> Iterator[pg8000.native.Connection]:
     """100,000 completed jobs and a few due ones, analysed, on a connection of this module."""
-    conn = db.connect(db.parse_database_url(database_url))
+    conn = connection.connect(connection.parse_database_url(database_url))
     try:
         conn.run("TRUNCATE queue_jobs, queue_jobs_dead_letter, queue_job_dependencies")
         _insert_history(conn, "completed")
@@ -115,7 +115,7 @@ def test_the_search_for_expired_last_attempts_reads_expired_leases_not_the_backl
     database_url: str,
 ) -> None:
     # Given a backlog of 50,000 due pending jobs, analysed
-    conn = db.connect(db.parse_database_url(database_url))
+    conn = connection.connect(connection.parse_database_url(database_url))
     try:
         conn.run("TRUNCATE queue_jobs, queue_jobs_dead_letter, queue_job_dependencies")
         _insert_history(conn, "pending")
@@ -159,7 +159,7 @@ def test_a_claim_reads_about_as_many_blocks_with_a_large_history_or_backlog(
     database_url: str, history_status: str
 ) -> None:
     # Given 20 tenants with 20 due jobs each, and the blocks a claim reads then
-    conn = db.connect(db.parse_database_url(database_url))
+    conn = connection.connect(connection.parse_database_url(database_url))
     try:
         conn.run("TRUNCATE queue_jobs, queue_jobs_dead_letter, queue_job_dependencies")
         conn.run(

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from handler.store import Settlement
+from handler.queue.store import Settlement
 
 
 def _pid(session) -> int:

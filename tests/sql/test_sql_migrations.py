@@ -12,20 +12,20 @@ from dataclasses import replace
 import pg8000.native
 import pytest
 
-from handler import db, migrations
+from handler.queue import connection, migrations
 
 
 @pytest.fixture
 def new_database(server_url: str) -> Iterator[Callable[[], pg8000.native.Connection]]:
     """A brand-new empty database; yields a function that opens connections to it."""
-    admin_settings = db.parse_database_url(server_url)
+    admin_settings = connection.parse_database_url(server_url)
     name = f"queue_worker_migrate_{uuid.uuid4().hex[:12]}"
-    admin = db.connect(admin_settings)
+    admin = connection.connect(admin_settings)
     admin.run(f'CREATE DATABASE "{name}"')
     opened: list[pg8000.native.Connection] = []
 
     def _connect() -> pg8000.native.Connection:
-        conn = db.connect(replace(admin_settings, database=name))
+        conn = connection.connect(replace(admin_settings, database=name))
         opened.append(conn)
         return conn
 

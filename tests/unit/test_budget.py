@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from handler.budget import (
+from handler.batch.budget import (
     LEASE_MARGIN_SECONDS,
     MIN_CALL_SECONDS,
     MIN_SAFETY_MARGIN_SECONDS,

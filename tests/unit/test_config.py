@@ -8,10 +8,10 @@ from datetime import timedelta
 
 import pytest
 
-from handler.config import Settings, parse_settings
-from handler.db import ConnectionSettings, parse_database_url
+from handler.dispatch.routes import DEFAULT_ROUTES, Route
 from handler.errors import ConfigurationError
-from handler.routes import DEFAULT_ROUTES, Route
+from handler.queue.connection import ConnectionSettings, parse_database_url
+from handler.runtime.settings import Settings, parse_settings
 
 PASSWORD = "Pa55-word-that-must-not-leak"
 SERVICE_KEY = "service-role-key-that-must-not-leak"

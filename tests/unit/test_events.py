@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from handler.errors import EventError
-from handler.events import MAX_SHARDS, Invocation, parse_event
+from handler.runtime.events import MAX_SHARDS, Invocation, parse_event
 
 EVENTS_DIR = Path(__file__).resolve().parents[2] / "events"
 TENANT = "6f1c2a7e-3b9d-4c1e-9a57-2d8e4b0f9c31"

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from handler.http_transport import MAX_BODY_BYTES, KeepAliveTransport
+from handler.dispatch.http_transport import MAX_BODY_BYTES, KeepAliveTransport
 
 
 @dataclass

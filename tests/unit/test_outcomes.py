@@ -12,7 +12,7 @@ import pytest
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
-from handler.outcomes import (
+from handler.dispatch.outcomes import (
     BODY_EXCERPT_CHARS,
     MAX_RETRY_AFTER,
     Outcome,
@@ -20,7 +20,7 @@ from handler.outcomes import (
     classify_response,
     parse_retry_after,
 )
-from handler.store import OutcomeKind
+from handler.queue.store import OutcomeKind
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 FUNCTION = "ingest-slack"

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from handler.dispatch.routes import DEFAULT_ROUTES, Route, parse_routes
 from handler.errors import ConfigurationError
-from handler.routes import DEFAULT_ROUTES, Route, parse_routes
 
 DESIGN_ROUTES = {
     "ingest_microsoft": "ingest-microsoft",

@@ -1,0 +1,171 @@
+"""`queue-worker schedules`: list, create or replace, pause, resume, delete and fire schedules.
+
+`add_schedule_commands(subparsers, connection_factory)` registers the command on the main
+parser; every handler takes the parsed arguments and returns the exit status (0 done, 1 no such
+schedule, 2 bad input), opening its connection with `connection_factory` and closing it after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+from uuid import UUID
+
+import pg8000.native
+
+from handler.operate.schedules import MAX_CATCH_UP, ScheduleError, ScheduleStore, fire_due_schedules
+
+ConnectionFactory = Callable[[], pg8000.native.Connection]
+
+
+def add_schedule_commands(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    connection_factory: ConnectionFactory,
+) -> None:
+    """Adds `schedules` (list, set, pause, resume, delete, fire) to the main parser's commands."""
+    p = subparsers.add_parser("schedules", help="recurring jobs: list, set, pause, resume, delete")
+    actions = p.add_subparsers(required=True, metavar="action")
+
+    q = actions.add_parser("list", help="the schedules, one JSON object a line")
+    q.add_argument("--tenant", type=_uuid, help="only this tenant's (uuid)")
+    q.set_defaults(command=cmd_schedules_list, connection_factory=connection_factory)
+
+    q = actions.add_parser(
+        "set",
+        help="create a schedule, or replace the tenant's schedule of that name",
+        description="Creates a schedule, or replaces the tenant's schedule of that name (options"
+        " left out take their defaults). Prints its id.",
+    )
+    q.add_argument("tenant", type=_uuid, help="tenant uuid")
+    q.add_argument("name", help="the schedule's name (unique per tenant)")
+    q.add_argument("job_type")
+    q.add_argument("cron", help="five fields, e.g. '0 9 * * MON-FRI', or @hourly, @daily, ...")
+    q.add_argument("--tz", default="UTC", help="IANA time zone of the cron (default UTC)")
+    q.add_argument("--payload", default="{}", help="a JSON object (default {})")
+    q.add_argument("--priority", type=int, default=0, help="of its jobs (default 0)")
+    q.add_argument("--max-attempts", type=int, default=5, help="of its jobs (default 5)")
+    q.add_argument(
+        "--catch-up",
+        type=int,
+        default=1,
+        metavar="N",
+        help="after an outage, enqueue at most the N newest missed fire times and skip the"
+        f" rest (0-{MAX_CATCH_UP}; default 1: only the newest)",
+    )
+    q.set_defaults(command=cmd_schedules_set, connection_factory=connection_factory)
+
+    for name, handler, text in (
+        ("pause", cmd_schedules_pause, "stop firing (missed fire times are not caught up)"),
+        ("resume", cmd_schedules_resume, "fire again, from the next fire time after now"),
+        ("delete", cmd_schedules_delete, "delete (the jobs it enqueued stay)"),
+    ):
+        q = actions.add_parser(name, help=text)
+        q.add_argument("id", type=_uuid, help="schedule id")
+        q.set_defaults(command=handler, connection_factory=connection_factory)
+
+    q = actions.add_parser("fire", help="enqueue the due fire times now, print the report")
+    q.add_argument("--limit", type=int, default=100, help="schedules at most (default 100)")
+    q.set_defaults(command=cmd_schedules_fire, connection_factory=connection_factory)
+
+
+def cmd_schedules_list(args: argparse.Namespace) -> int:
+    with _Session(args) as store:
+        schedules = store.list(tenant_id=args.tenant)
+    for schedule in schedules:
+        print(json.dumps(schedule.as_json()))
+    if not schedules:
+        print("no schedules", file=sys.stderr)
+    return 0
+
+
+def cmd_schedules_set(args: argparse.Namespace) -> int:
+    try:
+        payload: Any = json.loads(args.payload)
+    except json.JSONDecodeError as exc:
+        return _bad_input(f"--payload is not valid JSON: {exc}")
+    if not isinstance(payload, dict):
+        return _bad_input(f"--payload must be a JSON object, got {type(payload).__name__}")
+    try:
+        with _Session(args) as store:
+            schedule_id = store.upsert(
+                args.tenant,
+                args.name,
+                args.job_type,
+                args.cron,
+                timezone=args.tz,
+                payload=payload,
+                priority=args.priority,
+                max_attempts=args.max_attempts,
+                max_catch_up=args.catch_up,
+            )
+    except ScheduleError as exc:
+        return _bad_input(str(exc))
+    print(schedule_id)
+    return 0
+
+
+def cmd_schedules_pause(args: argparse.Namespace) -> int:
+    with _Session(args) as store:
+        return _done(store.pause(args.id), "paused", args.id)
+
+
+def cmd_schedules_resume(args: argparse.Namespace) -> int:
+    try:
+        with _Session(args) as store:
+            return _done(store.resume(args.id), "resumed", args.id)
+    except ScheduleError as exc:  # a schedule stored from SQL with a cron we cannot read
+        return _bad_input(str(exc))
+
+
+def cmd_schedules_delete(args: argparse.Namespace) -> int:
+    with _Session(args) as store:
+        return _done(store.delete(args.id), "deleted", args.id)
+
+
+def cmd_schedules_fire(args: argparse.Namespace) -> int:
+    with _Session(args) as store:
+        report = fire_due_schedules(store.conn, limit=args.limit)
+    print(json.dumps(report.as_dict(), indent=2))
+    return 0
+
+
+# Plumbing -----------------------------------------------------------------------------------
+
+
+class _Session:
+    """A ScheduleStore on a connection from the factory, closed on exit."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self._factory: ConnectionFactory = args.connection_factory
+        self._conn: pg8000.native.Connection | None = None
+
+    def __enter__(self) -> ScheduleStore:
+        self._conn = self._factory()
+        return ScheduleStore(self._conn)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+
+def _uuid(text: str) -> UUID:
+    try:
+        return UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a uuid: {text!r}") from None
+
+
+def _done(found: bool, verb: str, schedule_id: UUID) -> int:
+    if not found:
+        print(f"queue-worker: no schedule {schedule_id}", file=sys.stderr)
+        return 1
+    print(f"{verb} {schedule_id}")
+    return 0
+
+
+def _bad_input(message: str) -> int:
+    print(f"queue-worker: {message}", file=sys.stderr)
+    return 2

@@ -22,6 +22,10 @@ from handler.local import embedded
 from handler.queue import connection, migrations
 from handler.queue.store import QueueStore
 
+# The tests' own SQL names the queue's tables and functions as the README's examples do, with
+# the queue's schema on the search path (callers may; the project's own code names it).
+TEST_SEARCH_PATH = "SET search_path = queue_worker, public"
+
 # Tables emptied before each test (a later migration adds its own here).
 _TABLES = (
     "queue_jobs",
@@ -80,6 +84,7 @@ def connect(database_url: str) -> Iterator[object]:
 
     def _connect() -> pg8000.native.Connection:
         conn = connection.connect(connection.parse_database_url(database_url))
+        conn.run(TEST_SEARCH_PATH)
         opened.append(conn)
         return conn
 
@@ -93,6 +98,7 @@ def connect(database_url: str) -> Iterator[object]:
 def conn(database_url: str) -> Iterator[pg8000.native.Connection]:
     """A connection to an empty queue."""
     session = connection.connect(connection.parse_database_url(database_url))
+    session.run(TEST_SEARCH_PATH)
     session.run("TRUNCATE " + ", ".join(_TABLES))
     yield session
     session.close()

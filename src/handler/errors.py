@@ -1,9 +1,27 @@
-"""Errors a user can act on: each names what to fix."""
+"""Errors a user can act on: each says what is wrong and what to do, in one line.
+
+`kind` sorts them for whoever reports them: the command line maps it to an exit status
+(`EXIT_STATUS`), the Lambda logs it as one structured line. None of them carries a secret.
+"""
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
 
-class ConfigurationError(ValueError):
+ErrorKind = Literal["usage", "configuration", "unreachable", "refused"]
+
+# usage and configuration: fix the command or the environment; unreachable: the database (or
+# its network) is down, try again; refused: the queue said no to this request.
+EXIT_STATUS: dict[ErrorKind, int] = {"usage": 2, "configuration": 2, "unreachable": 3, "refused": 1}
+
+
+class UserError(Exception):
+    """Something the user can fix. The message is the whole story (no traceback needed)."""
+
+    kind: ClassVar[ErrorKind] = "configuration"
+
+
+class ConfigurationError(UserError, ValueError):
     """A missing or malformed environment variable. The message names the variable."""
 
     def __init__(self, variable: str, problem: str) -> None:
@@ -11,9 +29,34 @@ class ConfigurationError(ValueError):
         self.variable = variable
 
 
-class EventError(ValueError):
+class EventError(UserError, ValueError):
     """An invocation event that is not one of the accepted shapes. The message names the field."""
+
+    kind: ClassVar[ErrorKind] = "usage"
 
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"event field '{field}' {problem}")
         self.field = field
+
+
+class SchemaError(UserError):
+    """The database's queue schema is missing or older than this code: run `queue-worker
+    migrate`. Only migrate changes the schema."""
+
+
+class DatabaseUnavailableError(UserError, RuntimeError):
+    """The database could not be reached, or the connection was lost. The message names where,
+    never the credentials."""
+
+    kind: ClassVar[ErrorKind] = "unreachable"
+
+
+class QueueRefusedError(UserError):
+    """The queue's SQL API refused a request (a bad argument, a job that is not there): the
+    message is the SQL function's own."""
+
+    kind: ClassVar[ErrorKind] = "refused"
+
+    def __init__(self, message: str, sqlstate: str) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate

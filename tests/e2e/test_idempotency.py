@@ -21,7 +21,7 @@ class SettlementLostError(RuntimeError):
 @pytest.fixture
 def lose_first_settlement(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fault injection: the first settle of the test fails after every dispatch has been made."""
-    original = QueueStore.settle_summary
+    original = QueueStore.settle
     calls = Counter[str]()
 
     def settle(self: QueueStore, worker_id: str | None, settlements: object) -> object:
@@ -30,7 +30,7 @@ def lose_first_settlement(monkeypatch: pytest.MonkeyPatch) -> None:
             raise SettlementLostError("connection dropped between dispatch and settle")
         return original(self, worker_id, settlements)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(QueueStore, "settle_summary", settle)
+    monkeypatch.setattr(QueueStore, "settle", settle)
 
 
 def expire_leases(conn: pg8000.native.Connection) -> None:

@@ -7,6 +7,7 @@ dispatch and settle every time, not by luck of timing.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import tempfile
@@ -22,10 +23,11 @@ import pytest
 from handler.batch.runner import Summary
 from handler.local import embedded
 from handler.local.standin import StandIn
-from handler.queue import connection, migrations
+from handler.queue import connection
 from handler.queue.store import QueueStore
 from handler.runtime.events import parse_event
 from handler.runtime.worker import Worker
+from tests.conftest import TEST_SEARCH_PATH, migrations
 
 from .accounting import account, enqueue_many, expire_leases, idempotency_records, sent
 from .conftest import RunBatch, settings_for
@@ -120,6 +122,7 @@ def test_postgresql_restarted_mid_batch(
     url = restartable_server.url
     settings = connection.parse_database_url(url)
     conn = connection.connect(settings)
+    conn.run(TEST_SEARCH_PATH)
     jobs = enqueue_many(conn, uuid.uuid4(), "process_embeddings", 20)
     [[started_before]] = conn.run("SELECT pg_postmaster_start_time()")
     conn.close()
@@ -132,6 +135,8 @@ def test_postgresql_restarted_mid_batch(
         worker.close()
 
     conn = connection.connect(settings)
+
+    conn.run(TEST_SEARCH_PATH)
     try:
         [[started_after]] = conn.run("SELECT pg_postmaster_start_time()")
         assert started_after > started_before  # it did restart: every old session is gone
@@ -171,7 +176,7 @@ def test_connections_dropped_between_dispatch_and_settle(
     standin.configure("process-embeddings", {"hold": True})
     [[since]] = conn.run("SELECT now()")
     worker = make_worker(http_timeout_seconds="30")
-    queue_pid = worker.database.call(lambda store: store.conn.run("SELECT pg_backend_pid()")[0][0])
+    queue_pid = worker.store.conn.run("SELECT pg_backend_pid()")[0][0]
     killed: list[int] = []
 
     # When every connection of the worker is killed while all 12 calls are in flight
@@ -199,14 +204,18 @@ def test_a_settlement_that_never_gets_through_is_completed_later_without_a_secon
     jobs = enqueue_many(conn, uuid.uuid4(), "process_embeddings", 12)
     attempts: list[int] = []
 
-    def settle(self: QueueStore, worker_id: str | None, settlements: object) -> object:
-        attempts.append(len(settlements))  # type: ignore[arg-type]
+    attempt = QueueStore._attempt
+
+    def fail_settles(self: QueueStore, sql: str, params: dict[str, Any]) -> Any:
+        if "settle_jobs" not in sql:
+            return attempt(self, sql, params)
+        attempts.append(len(json.loads(params["outcomes"])))
         # A connection that breaks at every settle: the reconnect and retry fail too.
         raise ConnectionResetError("server closed the connection unexpectedly")
 
     # When every settle of a batch fails, on the first connection and on the new one
     with monkeypatch.context() as patch:
-        patch.setattr(QueueStore, "settle_summary", settle)
+        patch.setattr(QueueStore, "_attempt", fail_settles)
         first, _ = run_batch()
     assert (first.claimed, first.completed, first.unsettled) == (12, 0, 12)
     assert len(attempts) >= 2  # the reconnect was tried, and failed too

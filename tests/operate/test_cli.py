@@ -104,7 +104,7 @@ def test_migrate_applies_every_migration_then_says_the_database_is_up_to_date(
     conn = connection.connect(connection.parse_database_url(empty_database_url))
     try:
         assert migrations.pending(conn) == []
-        assert conn.run("SELECT to_regclass('queue_jobs') IS NOT NULL") == [[True]]
+        assert conn.run("SELECT to_regclass('queue_worker.queue_jobs') IS NOT NULL") == [[True]]
     finally:
         conn.close()
 

@@ -21,7 +21,7 @@ from handler.local.schedules_command import add_schedule_commands
 from handler.operate.schedules import (
     FireReport,
     ScheduleError,
-    ScheduleStore,
+    Schedules,
     due_fire_times,
     fire_due_schedules,
     next_fire_after,
@@ -46,8 +46,8 @@ def berlin(
 
 
 @pytest.fixture
-def schedules(conn: pg8000.native.Connection) -> ScheduleStore:
-    return ScheduleStore(conn)
+def schedules(conn: pg8000.native.Connection) -> Schedules:
+    return Schedules(conn)
 
 
 def jobs(conn: pg8000.native.Connection) -> list[dict[str, Any]]:
@@ -68,7 +68,7 @@ def jobs(conn: pg8000.native.Connection) -> list[dict[str, Any]]:
     return [dict(zip(keys, row, strict=True)) for row in rows]
 
 
-def every_15(schedules: ScheduleStore, **kw: Any) -> UUID:
+def every_15(schedules: Schedules, **kw: Any) -> UUID:
     """A schedule firing at :00, :15, :30, :45, created at T0 (next fire: 10:15 UTC)."""
     kw.setdefault("now", T0)
     return schedules.upsert(
@@ -80,10 +80,10 @@ def every_15(schedules: ScheduleStore, **kw: Any) -> UUID:
     )
 
 
-# The SQL API through ScheduleStore -------------------------------------------------------------
+# The SQL API through Schedules -------------------------------------------------------------
 
 
-def test_upsert_creates_then_replaces_by_tenant_and_name(schedules: ScheduleStore) -> None:
+def test_upsert_creates_then_replaces_by_tenant_and_name(schedules: Schedules) -> None:
     schedule_id = schedules.upsert(
         TENANT,
         "digest",
@@ -136,7 +136,7 @@ def test_upsert_creates_then_replaces_by_tenant_and_name(schedules: ScheduleStor
     assert {s.id for s in schedules.list()} == {schedule_id, other}
 
 
-def test_pause_resume_delete(schedules: ScheduleStore) -> None:
+def test_pause_resume_delete(schedules: Schedules) -> None:
     schedule_id = every_15(schedules)
     assert schedules.pause(schedule_id) is True
     paused = schedules.get(schedule_id)
@@ -277,7 +277,7 @@ def test_validate_accepts_macros_and_names() -> None:
 
 
 def test_bad_input_gives_clear_errors_and_changes_nothing(
-    schedules: ScheduleStore, conn: pg8000.native.Connection
+    schedules: Schedules, conn: pg8000.native.Connection
 ) -> None:
     schedule_id = every_15(schedules)
     before = schedules.get(schedule_id)
@@ -328,7 +328,7 @@ def test_bad_input_gives_clear_errors_and_changes_nothing(
 
 
 def test_fire_creates_the_due_job_with_scheduled_for(
-    schedules: ScheduleStore, conn: pg8000.native.Connection
+    schedules: Schedules, conn: pg8000.native.Connection
 ) -> None:
     schedule_id = every_15(schedules, payload={"channel": "general"}, priority=7, max_attempts=2)
     report = fire_due_schedules(conn, now=utc(2024, 5, 6, 10, 14, 59))
@@ -356,7 +356,7 @@ def test_fire_creates_the_due_job_with_scheduled_for(
 
 
 def test_firing_twice_with_the_same_now_creates_nothing_more(
-    schedules: ScheduleStore, conn: pg8000.native.Connection
+    schedules: Schedules, conn: pg8000.native.Connection
 ) -> None:
     every_15(schedules)
     every_15(schedules, name="other", tenant_id=uuid.uuid4())
@@ -367,7 +367,7 @@ def test_firing_twice_with_the_same_now_creates_nothing_more(
 
 
 def test_fire_schedule_is_a_compare_and_set(
-    schedules: ScheduleStore, conn: pg8000.native.Connection
+    schedules: Schedules, conn: pg8000.native.Connection
 ) -> None:
     schedule_id = every_15(schedules)
     fire_time, following = utc(2024, 5, 6, 10, 15), utc(2024, 5, 6, 10, 30)
@@ -396,7 +396,7 @@ def test_fire_schedule_is_a_compare_and_set(
 
 
 def test_concurrent_runs_fire_each_fire_time_exactly_once(
-    schedules: ScheduleStore, conn: pg8000.native.Connection, connect: Callable[[], Any]
+    schedules: Schedules, conn: pg8000.native.Connection, connect: Callable[[], Any]
 ) -> None:
     ids = {
         every_15(schedules, name=f"s{i:02d}", tenant_id=uuid.uuid4(), max_catch_up=3)
@@ -441,7 +441,7 @@ def test_concurrent_runs_fire_each_fire_time_exactly_once(
 
 
 def test_an_outage_catches_up_max_catch_up_fire_times_and_skips_the_rest(
-    schedules: ScheduleStore, conn: pg8000.native.Connection
+    schedules: Schedules, conn: pg8000.native.Connection
 ) -> None:
     schedule_id = every_15(schedules, max_catch_up=3)
     # Ten fire times pass without a run: 10:15, 10:30, ..., 12:30.
@@ -461,7 +461,7 @@ def test_an_outage_catches_up_max_catch_up_fire_times_and_skips_the_rest(
 
 
 def test_a_paused_schedule_never_fires(
-    schedules: ScheduleStore, conn: pg8000.native.Connection
+    schedules: Schedules, conn: pg8000.native.Connection
 ) -> None:
     paused = every_15(schedules, name="paused")
     every_15(schedules, name="active")
@@ -480,7 +480,7 @@ def test_a_paused_schedule_never_fires(
 
 
 def test_a_schedule_created_from_sql_without_next_fire_at_is_initialised(
-    schedules: ScheduleStore, conn: pg8000.native.Connection
+    schedules: Schedules, conn: pg8000.native.Connection
 ) -> None:
     schedule_id = UUID(
         str(
@@ -500,7 +500,7 @@ def test_a_schedule_created_from_sql_without_next_fire_at_is_initialised(
 
 
 def test_limit_time_limit_and_broken_schedules(
-    schedules: ScheduleStore, conn: pg8000.native.Connection
+    schedules: Schedules, conn: pg8000.native.Connection
 ) -> None:
     for i in range(3):
         every_15(schedules, name=f"s{i}")
@@ -566,6 +566,8 @@ def test_cli(
         "max_catch_up": 2,
         "next_fire_at": None,
         "last_fired_at": None,
+        "last_error": None,
+        "last_error_at": None,
         "created_at": None,
         "updated_at": None,
     }

@@ -8,7 +8,6 @@ Time is never waited for: a lease "expires" or a job becomes "due" by moving `lo
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -18,8 +17,10 @@ from uuid import UUID
 import pg8000.native
 import pytest
 
+from handler.errors import QueueRefusedError
 from handler.queue import connection
 from handler.queue.store import ClaimedJob, QueueStore
+from tests.conftest import TEST_SEARCH_PATH
 
 _TABLES = (
     "queue_jobs",
@@ -46,9 +47,15 @@ def conn(_sql_session: pg8000.native.Connection) -> pg8000.native.Connection:
     """
     _sql_session.run("ROLLBACK")  # a no-op (a warning) unless a failed test left one open
     _sql_session.run("RESET ALL")
+    _sql_session.run(TEST_SEARCH_PATH)
     for table in _TABLES:
         _sql_session.run(f"DELETE FROM {table}")
     return _sql_session
+
+
+# The tenant of a job enqueued without one: the same for every session, since a job may depend
+# only on jobs of its own tenant.
+DEFAULT_TENANT = UUID("00000000-0000-4000-8000-00000000000a")
 
 
 class Queue:
@@ -63,7 +70,7 @@ class Queue:
     def enqueue(
         self, tenant: UUID | None = None, job_type: str = "ingest_slack", **kw: Any
     ) -> UUID:
-        return self.store.enqueue(tenant or uuid.uuid4(), job_type, kw.pop("payload", {}), **kw)
+        return self.store.enqueue(tenant or DEFAULT_TENANT, job_type, kw.pop("payload", {}), **kw)
 
     def claim(self, worker: str = "worker-a", **kw: Any) -> list[ClaimedJob]:
         kw.setdefault("lease_seconds", 300)
@@ -160,9 +167,12 @@ class Queue:
     def rejects(self, code: str, words: str) -> Iterator[None]:
         """The block fails with SQLSTATE `code`, a message containing `words`, and changes nothing."""
         before = self.snapshot()
-        with pytest.raises(pg8000.native.DatabaseError) as info:
+        with pytest.raises((pg8000.native.DatabaseError, QueueRefusedError)) as info:
             yield
-        error = info.value.args[0]
+        if isinstance(info.value, QueueRefusedError):
+            error = {"C": info.value.sqlstate, "M": str(info.value)}
+        else:
+            error = info.value.args[0]
         assert (error["C"], words in error["M"]) == (code, True), error
         assert self.snapshot() == before
 

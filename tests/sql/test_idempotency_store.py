@@ -27,7 +27,6 @@ from handler.dispatch.idempotency import (
     PostgresPersistenceLayer,
     build_persistence_layer,
     idempotency_config,
-    prune_expired,
 )
 
 Job = dict[str, Any]
@@ -400,7 +399,7 @@ def test_a_record_committed_while_a_put_waits_for_it_is_read_again_not_missed(
         deadline = time.monotonic() + 30
         while not conn.run(
             "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND wait_event_type = 'Lock' AND query LIKE '%queue_idempotency%'"
+            " AND wait_event_type = 'Lock' AND query LIKE '%idempotency_put%'"
         )[0][0]:
             assert time.monotonic() < deadline, "the put never waited for the rival"
             assert thread.is_alive(), errors
@@ -453,34 +452,11 @@ def test_the_pool_never_opens_more_than_max_connections(
 def test_a_statement_error_keeps_the_connection(
     layer: PostgresPersistenceLayer, provider: CountingProvider
 ) -> None:
-    with pytest.raises(pg8000.native.DatabaseError):
-        layer._pool.run("SELECT 1/0")
-    assert layer._pool.run("SELECT 2") == [[2]]
+    with layer._pool.store() as store:
+        with pytest.raises(pg8000.native.DatabaseError):
+            store._run("SELECT 1/0", idempotent=True)
+        assert store._run("SELECT 2", idempotent=True) == [[2]]
     assert len(provider.opened) == 1
-
-
-def test_prune_expired_deletes_expired_records_oldest_first_in_bounded_batches(
-    conn: pg8000.native.Connection,
-) -> None:
-    now = int(time.time())
-    for i in range(5):
-        conn.run(
-            "INSERT INTO queue_idempotency (id, status, expiration) VALUES (:id, 'COMPLETED', :e)",
-            id=f"old-{i}",
-            e=now - 100 + i,
-        )
-    conn.run(
-        "INSERT INTO queue_idempotency (id, status, expiration) VALUES ('live', 'COMPLETED', :e)",
-        e=now + 3600,
-    )
-
-    assert prune_expired(conn, limit=2) == 2
-    assert [r["id"] for r in rows(conn)] == ["live", "old-2", "old-3", "old-4"]
-    assert prune_expired(conn) == 3
-    assert prune_expired(conn) == 0
-    assert [r["id"] for r in rows(conn)] == ["live"]
-    with pytest.raises(ValueError, match="limit"):
-        prune_expired(conn, limit=0)
 
 
 def test_build_persistence_layer_postgres(provider: CountingProvider) -> None:

@@ -12,6 +12,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from handler.queue import connection
+from tests.conftest import TEST_SEARCH_PATH
 
 FLOOR, CAP = 5.0, 3600.0
 
@@ -24,6 +25,7 @@ jitters = st.floats(min_value=0.0, max_value=1.0)
 def session(database_url: str) -> Iterator[pg8000.native.Connection]:
     """One connection for every example (hypothesis runs many per test)."""
     conn = connection.connect(connection.parse_database_url(database_url))
+    conn.run(TEST_SEARCH_PATH)
     yield conn
     conn.close()
 

@@ -200,7 +200,7 @@ def test_claim_jobs_rejects_bad_limits_and_changes_nothing(
 ) -> None:
     # Given a due job, and a job whose lease expired during its last attempt (which a valid
     # claim would dead-letter)
-    queue.enqueue()
+    queue.enqueue(uuid.uuid4())
     exhausted = queue.claimed("worker-a", max_attempts=1)
     queue.expire_lease(exhausted)
 

@@ -10,6 +10,7 @@ import pg8000.native
 import pytest
 
 from handler.queue import connection
+from tests.conftest import TEST_SEARCH_PATH
 
 # The statements claim_jobs runs, copied from its SQL with literal values. {tenant} is filled in.
 PER_TENANT_READ = """
@@ -79,6 +80,7 @@ def _explain(conn: pg8000.native.Connection, sql: str) -> list[dict[str, Any]]:
 def history(database_url: str) -> Iterator[pg8000.native.Connection]:
     """100,000 completed jobs and a few due ones, analysed, on a connection of this module."""
     conn = connection.connect(connection.parse_database_url(database_url))
+    conn.run(TEST_SEARCH_PATH)
     try:
         conn.run("TRUNCATE queue_jobs, queue_jobs_dead_letter, queue_job_dependencies")
         _insert_history(conn, "completed")
@@ -116,6 +118,7 @@ def test_the_search_for_expired_last_attempts_reads_expired_leases_not_the_backl
 ) -> None:
     # Given a backlog of 50,000 due pending jobs, analysed
     conn = connection.connect(connection.parse_database_url(database_url))
+    conn.run(TEST_SEARCH_PATH)
     try:
         conn.run("TRUNCATE queue_jobs, queue_jobs_dead_letter, queue_job_dependencies")
         _insert_history(conn, "pending")
@@ -160,6 +163,7 @@ def test_a_claim_reads_about_as_many_blocks_with_a_large_history_or_backlog(
 ) -> None:
     # Given 20 tenants with 20 due jobs each, and the blocks a claim reads then
     conn = connection.connect(connection.parse_database_url(database_url))
+    conn.run(TEST_SEARCH_PATH)
     try:
         conn.run("TRUNCATE queue_jobs, queue_jobs_dead_letter, queue_job_dependencies")
         conn.run(

@@ -48,7 +48,7 @@ def fingerprint(conn: pg8000.native.Connection) -> list[tuple[str, ...]]:
         """
         SELECT 'relation', c.relname, c.relkind::text, ''
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE n.nspname = 'public'
+        WHERE n.nspname = 'queue_worker'
         UNION ALL
         SELECT 'column', c.relname, a.attname, format_type(a.atttypid, a.atttypmod)
                || coalesce(' default ' || pg_get_expr(d.adbin, d.adrelid), '')
@@ -56,17 +56,17 @@ def fingerprint(conn: pg8000.native.Connection) -> list[tuple[str, ...]]:
         JOIN pg_class c ON c.oid = a.attrelid
         JOIN pg_namespace n ON n.oid = c.relnamespace
         LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-        WHERE n.nspname = 'public' AND a.attnum > 0 AND NOT a.attisdropped AND c.relkind = 'r'
+        WHERE n.nspname = 'queue_worker' AND a.attnum > 0 AND NOT a.attisdropped AND c.relkind = 'r'
         UNION ALL
-        SELECT 'index', indexname, indexdef, '' FROM pg_indexes WHERE schemaname = 'public'
+        SELECT 'index', indexname, indexdef, '' FROM pg_indexes WHERE schemaname = 'queue_worker'
         UNION ALL
         SELECT 'constraint', conrelid::regclass::text, conname, pg_get_constraintdef(oid)
-        FROM pg_constraint WHERE connamespace = 'public'::regnamespace
+        FROM pg_constraint WHERE connamespace = 'queue_worker'::regnamespace
         UNION ALL
         SELECT 'function', p.oid::regprocedure::text, md5(p.prosrc), ''
-        FROM pg_proc p WHERE p.pronamespace = 'public'::regnamespace
+        FROM pg_proc p WHERE p.pronamespace = 'queue_worker'::regnamespace
         UNION ALL
-        SELECT 'migration', version, checksum, applied_at::text FROM queue_worker_migrations
+        SELECT 'migration', version, checksum, applied_at::text FROM queue_worker.queue_worker_migrations
         ORDER BY 1, 2, 3, 4
         """
     )
@@ -91,7 +91,9 @@ def test_migrate_applies_every_migration_to_a_new_database_then_has_nothing_to_d
     names = {row[1] for row in schema}
     assert {"queue_jobs", "queue_jobs_dead_letter", "queue_job_dependencies"} <= names
     assert {"queue_jobs_claim_idx", "queue_jobs_lease_idx"} <= names
-    functions = {row[1].split("(")[0] for row in schema if row[0] == "function"}
+    functions = {
+        row[1].split("(")[0].removeprefix("queue_worker.") for row in schema if row[0] == "function"
+    }
     assert {
         "enqueue_job",
         "claim_next_job",
@@ -104,7 +106,9 @@ def test_migrate_applies_every_migration_to_a_new_database_then_has_nothing_to_d
         "cancel_job",
         "queue_backoff",
     } <= functions
-    recorded = conn.run("SELECT version, checksum FROM queue_worker_migrations ORDER BY 1")
+    recorded = conn.run(
+        "SELECT version, checksum FROM queue_worker.queue_worker_migrations ORDER BY 1"
+    )
     assert recorded == [[m.version, m.checksum] for m in migrations.available()]
 
     # When migrate runs again
@@ -146,5 +150,7 @@ def test_two_migrations_at_once_on_a_new_database_both_succeed_and_one_applies(
     # Then both succeed: exactly one applied every migration, the other found nothing to do
     versions = [m.version for m in migrations.available()]
     assert sorted(results) == [[], versions]
-    assert holder.run("SELECT count(*) FROM queue_worker_migrations")[0][0] == len(versions)
+    assert holder.run("SELECT count(*) FROM queue_worker.queue_worker_migrations")[0][0] == len(
+        versions
+    )
     assert migrations.pending(holder) == []

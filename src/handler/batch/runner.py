@@ -22,8 +22,7 @@ from handler.batch.settlement import SETTLE_INTERVAL_SECONDS, Settler
 from handler.dispatch.guard import DeliveryGuard, DeliveryReport
 from handler.dispatch.routes import Route
 from handler.operate.observability import logger, tracer
-from handler.queue.database import Database
-from handler.queue.store import ClaimedJob, Settlement
+from handler.queue.store import ClaimedJob, QueueStore, Settlement
 
 
 @dataclass(frozen=True)
@@ -71,12 +70,12 @@ class Summary:
 class BatchRunner:
     def __init__(
         self,
-        database: Database,
+        store: QueueStore,
         guard: DeliveryGuard,
         routes: Mapping[str, Route],
         dispatch_pool: ThreadPoolExecutor,
     ) -> None:
-        self._db = database
+        self._store = store
         self._guard = guard
         self._routes = routes
         self._pool = dispatch_pool
@@ -90,16 +89,14 @@ class BatchRunner:
     def run(self, worker_id: str, limits: BatchLimits, budget: TimeBudget) -> Summary:
         summary = Summary(worker_id=worker_id)
         parent = _trace_parent()  # before the claim: nothing may fail between claim and dispatch
-        jobs = self._db.call(
-            lambda store: store.claim(
-                worker_id,
-                lease_seconds=limits.lease_seconds,
-                max_jobs=limits.max_jobs,
-                max_per_tenant=limits.max_per_tenant,
-                tenant_id=limits.tenant_id,
-                shard=limits.shard,
-                shards=limits.shards,
-            )
+        jobs = self._store.claim(
+            worker_id,
+            lease_seconds=limits.lease_seconds,
+            max_jobs=limits.max_jobs,
+            max_per_tenant=limits.max_per_tenant,
+            tenant_id=limits.tenant_id,
+            shard=limits.shard,
+            shards=limits.shards,
         )
         summary.claimed = len(jobs)
         summary.rescued = sum(job.rescued for job in jobs)
@@ -118,9 +115,7 @@ class BatchRunner:
         *,
         parent: Any,
     ) -> None:
-        settler = Settler(
-            lambda batch: self._db.call(lambda store: store.settle_summary(worker_id, batch))
-        )
+        settler = Settler(lambda batch: self._store.settle(worker_id, batch))
         batch = _Batch(
             queue=deque(jobs),
             settler=settler,

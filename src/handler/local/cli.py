@@ -16,9 +16,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-import pg8000.native
-
-from handler.errors import ConfigurationError, EventError
+from handler.errors import EXIT_STATUS, EventError, QueueRefusedError, UserError
 from handler.local import embedded
 from handler.local.schedules_command import add_schedule_commands
 from handler.queue import connection, migrations
@@ -30,12 +28,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result: int = args.command(args)
-    except (ConfigurationError, EventError) as exc:
+    except UserError as exc:
         print(f"queue-worker: {exc}", file=sys.stderr)
-        return 2
-    except connection.DatabaseUnavailableError as exc:
-        print(f"queue-worker: {exc}", file=sys.stderr)
-        return 3
+        return EXIT_STATUS[exc.kind]
     return result
 
 
@@ -44,15 +39,21 @@ def database_url() -> str:
     return os.environ.get("DATABASE_URL") or embedded.start()
 
 
+def _open_store() -> QueueStore:
+    """A store on the database, its schema checked (not changed) on first use."""
+    settings = connection.parse_database_url(database_url())
+    return QueueStore(lambda: connection.connect(settings))
+
+
 @contextlib.contextmanager
 def _store() -> Iterator[QueueStore]:
-    """A store on a migrated database; its connection is closed when the command is done."""
-    conn = connection.connect(connection.parse_database_url(database_url()))
+    """A store whose connection is closed when the command is done. Only `migrate` changes
+    the schema: a database that is not migrated, or is behind, is refused with one line."""
+    store = _open_store()
     try:
-        migrations.migrate(conn)
-        yield QueueStore(conn)
+        yield store
     finally:
-        conn.close()
+        store.close()
 
 
 # Commands ---------------------------------------------------------------------------------
@@ -61,10 +62,20 @@ def _store() -> Iterator[QueueStore]:
 def cmd_migrate(args: argparse.Namespace) -> int:
     conn = connection.connect(connection.parse_database_url(database_url()))
     try:
-        applied = migrations.migrate(conn)
-        changed = migrations.changed_since_applied(conn)
+        if args.check:
+            missing = migrations.pending(conn)
+            changed = migrations.changed_since_applied(conn)
+        else:
+            applied = migrations.migrate(conn)
+            changed = migrations.changed_since_applied(conn)
     finally:
         conn.close()
+    if args.check:
+        if missing:
+            print(f"pending: {', '.join(missing)} (run `queue-worker migrate`)")
+            return 1
+        print("up to date: nothing to apply")
+        return 0
     print(f"applied: {', '.join(applied)}" if applied else "up to date: nothing to apply")
     if changed:
         print(
@@ -92,7 +103,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.max_jobs is not None:
             event["max_jobs"] = args.max_jobs
     invocation = parse_event(event)
-    _ensure_migrated(settings.database_settings())
     worker = Worker(settings)
     try:
         # stdout carries the summary (and the EMF documents with --metrics); log lines go to
@@ -176,9 +186,9 @@ def cmd_dead_letters_requeue(args: argparse.Namespace) -> int:
         for job_id in args.ids:
             try:
                 print(store.requeue_dead_letter(job_id))
-            except pg8000.native.DatabaseError as exc:
+            except QueueRefusedError as exc:
                 # The SQL function's own message: not a dead letter, or its unique key is taken.
-                print(f"queue-worker: {_server_message(exc)}", file=sys.stderr)
+                print(f"queue-worker: {exc}", file=sys.stderr)
                 return 1
         if args.ids:
             return 0
@@ -198,20 +208,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # Plumbing ---------------------------------------------------------------------------------
 
 
-def _ensure_migrated(settings: connection.ConnectionSettings) -> None:
-    conn = connection.connect(settings)
-    try:
-        migrations.migrate(conn)
-    finally:
-        conn.close()
-
-
-def _migrated_connection() -> pg8000.native.Connection:
-    conn = connection.connect(connection.parse_database_url(database_url()))
-    migrations.migrate(conn)
-    return conn
-
-
 @contextlib.contextmanager
 def _logs_to_stderr() -> Iterator[None]:
     from handler.operate.observability import logger
@@ -226,11 +222,6 @@ def _logs_to_stderr() -> Iterator[None]:
         yield
     finally:
         handler.stream = previous
-
-
-def _server_message(exc: pg8000.native.DatabaseError) -> str:
-    detail = exc.args[0] if exc.args else None
-    return str(detail.get("M", exc)) if isinstance(detail, dict) else str(exc)
 
 
 def _event_argument(text: str) -> Any:
@@ -271,6 +262,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(required=True, metavar="command")
 
     p = sub.add_parser("migrate", help="apply missing migrations (safe to run twice)")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="change nothing; exit 1 when migrations are pending (for a deploy pipeline)",
+    )
     p.set_defaults(command=cmd_migrate)
 
     p = sub.add_parser("run", help="run one batch, as the Lambda would, and print the summary")
@@ -314,7 +310,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--limit", type=int, default=1000)
     q.set_defaults(command=cmd_dead_letters_requeue)
 
-    add_schedule_commands(sub, _migrated_connection)
+    add_schedule_commands(sub, _open_store)
 
     p = sub.add_parser(
         "demo", help="the whole system on an embedded PostgreSQL and stand-in functions"

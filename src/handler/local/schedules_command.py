@@ -1,8 +1,8 @@
 """`queue-worker schedules`: list, create or replace, pause, resume, delete and fire schedules.
 
-`add_schedule_commands(subparsers, connection_factory)` registers the command on the main
-parser; every handler takes the parsed arguments and returns the exit status (0 done, 1 no such
-schedule, 2 bad input), opening its connection with `connection_factory` and closing it after.
+`add_schedule_commands(subparsers, store_factory)` registers the command on the main parser;
+every handler takes the parsed arguments and returns the exit status (0 done, 1 no such
+schedule, 2 bad input), opening its store with `store_factory` and closing it after.
 """
 
 from __future__ import annotations
@@ -14,16 +14,15 @@ from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
-import pg8000.native
+from handler.operate.schedules import MAX_CATCH_UP, ScheduleError, Schedules, fire_due_schedules
+from handler.queue.store import QueueStore
 
-from handler.operate.schedules import MAX_CATCH_UP, ScheduleError, ScheduleStore, fire_due_schedules
-
-ConnectionFactory = Callable[[], pg8000.native.Connection]
+StoreFactory = Callable[[], QueueStore]
 
 
 def add_schedule_commands(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
-    connection_factory: ConnectionFactory,
+    store_factory: StoreFactory,
 ) -> None:
     """Adds `schedules` (list, set, pause, resume, delete, fire) to the main parser's commands."""
     p = subparsers.add_parser("schedules", help="recurring jobs: list, set, pause, resume, delete")
@@ -31,7 +30,7 @@ def add_schedule_commands(
 
     q = actions.add_parser("list", help="the schedules, one JSON object a line")
     q.add_argument("--tenant", type=_uuid, help="only this tenant's (uuid)")
-    q.set_defaults(command=cmd_schedules_list, connection_factory=connection_factory)
+    q.set_defaults(command=cmd_schedules_list, store_factory=store_factory)
 
     q = actions.add_parser(
         "set",
@@ -55,7 +54,7 @@ def add_schedule_commands(
         help="after an outage, enqueue at most the N newest missed fire times and skip the"
         f" rest (0-{MAX_CATCH_UP}; default 1: only the newest)",
     )
-    q.set_defaults(command=cmd_schedules_set, connection_factory=connection_factory)
+    q.set_defaults(command=cmd_schedules_set, store_factory=store_factory)
 
     for name, handler, text in (
         ("pause", cmd_schedules_pause, "stop firing (missed fire times are not caught up)"),
@@ -64,11 +63,11 @@ def add_schedule_commands(
     ):
         q = actions.add_parser(name, help=text)
         q.add_argument("id", type=_uuid, help="schedule id")
-        q.set_defaults(command=handler, connection_factory=connection_factory)
+        q.set_defaults(command=handler, store_factory=store_factory)
 
     q = actions.add_parser("fire", help="enqueue the due fire times now, print the report")
     q.add_argument("--limit", type=int, default=100, help="schedules at most (default 100)")
-    q.set_defaults(command=cmd_schedules_fire, connection_factory=connection_factory)
+    q.set_defaults(command=cmd_schedules_fire, store_factory=store_factory)
 
 
 def cmd_schedules_list(args: argparse.Namespace) -> int:
@@ -127,7 +126,7 @@ def cmd_schedules_delete(args: argparse.Namespace) -> int:
 
 def cmd_schedules_fire(args: argparse.Namespace) -> int:
     with _Session(args) as store:
-        report = fire_due_schedules(store.conn, limit=args.limit)
+        report = fire_due_schedules(store.store, limit=args.limit)
     print(json.dumps(report.as_dict(), indent=2))
     return 0
 
@@ -136,19 +135,19 @@ def cmd_schedules_fire(args: argparse.Namespace) -> int:
 
 
 class _Session:
-    """A ScheduleStore on a connection from the factory, closed on exit."""
+    """The schedules, on a store from the factory, closed on exit."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self._factory: ConnectionFactory = args.connection_factory
-        self._conn: pg8000.native.Connection | None = None
+        self._factory: StoreFactory = args.store_factory
+        self._store: QueueStore | None = None
 
-    def __enter__(self) -> ScheduleStore:
-        self._conn = self._factory()
-        return ScheduleStore(self._conn)
+    def __enter__(self) -> Schedules:
+        self._store = self._factory()
+        return Schedules(self._store)
 
     def __exit__(self, *exc: object) -> None:
-        if self._conn is not None:
-            self._conn.close()
+        if self._store is not None:
+            self._store.close()
 
 
 def _uuid(text: str) -> UUID:

@@ -31,6 +31,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import pg8000.native
 from cronsim import CronSim, CronSimError
 
+from handler.errors import QueueRefusedError
+from handler.queue.store import QueueStore
+
 logger = logging.getLogger(__name__)
 
 MAX_CATCH_UP = 1000  # the largest max_catch_up a schedule may have (a CHECK in the SQL too)
@@ -76,6 +79,8 @@ class Schedule:
     last_fired_at: datetime | None
     created_at: datetime
     updated_at: datetime
+    last_error: str | None = None  # why it paused itself, if it did
+    last_error_at: datetime | None = None
 
     def as_json(self) -> dict[str, Any]:
         """JSON-ready: uuids and datetimes (ISO-8601) as strings."""
@@ -99,7 +104,8 @@ class FireReport:
     skipped: int = 0  # fire times left out by the catch-up policy (see the module docstring)
     conflicts: int = 0  # compare-and-set lost: another run fired (or someone changed) the schedule
     initialized: int = 0  # schedules whose next fire time was not computed yet: computed now
-    errors: int = 0  # schedules that could not be fired (logged; tried again by the next run)
+    errors: int = 0  # schedules that could not be fired (logged)
+    paused: int = 0  # of those, schedules that cannot fire at all: paused, their error recorded
     remaining: int = 0  # due schedules left for the next run (limit or time limit reached)
     error_messages: list[str] = field(default_factory=list)
 
@@ -262,21 +268,21 @@ def _newest_before(
     return found[::-1]
 
 
-# The SQL API ---------------------------------------------------------------------------------
-
-_COLUMNS = (
-    "id, tenant_id, name, job_type, payload, cron, timezone, priority, max_attempts, paused,"
-    " max_catch_up, next_fire_at, last_fired_at, created_at, updated_at"
-)
+# The schedules, through the queue's store -----------------------------------------------------
 
 
-class ScheduleStore:
-    """Typed calls of the schedules' SQL functions over one pg8000 connection (not thread-safe).
+def _store(source: QueueStore | pg8000.native.Connection) -> QueueStore:
+    return source if isinstance(source, QueueStore) else QueueStore(source)
+
+
+class Schedules:
+    """The recurring schedules: cron and time zone checked here, the SQL (upsert_schedule and
+    friends, migrations 0003 and 0005) through the queue's store.
 
     `now` arguments default to the database's clock, the one the firing run uses too."""
 
-    def __init__(self, conn: pg8000.native.Connection) -> None:
-        self.conn = conn
+    def __init__(self, store: QueueStore | pg8000.native.Connection) -> None:
+        self.store = _store(store)
 
     def upsert(
         self,
@@ -307,29 +313,25 @@ class ScheduleStore:
             payload_json = json.dumps(payload if payload is not None else {}, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise ScheduleError(f"payload is not JSON-serialisable: {exc}") from None
-        rows = self._call(
-            "SELECT upsert_schedule(p_tenant_id => CAST(:tenant AS uuid), p_name => :name,"
-            " p_job_type => :job_type, p_cron => :cron, p_timezone => :timezone,"
-            " p_payload => CAST(:payload AS jsonb), p_priority => :priority,"
-            " p_max_attempts => :max_attempts, p_max_catch_up => :max_catch_up,"
-            " p_next_fire_at => CAST(:next_fire_at AS timestamptz))",
-            tenant=str(tenant_id) if tenant_id is not None else None,
-            name=name,
-            job_type=job_type,
-            cron=cron,
-            timezone=timezone,
-            payload=payload_json,
-            priority=priority,
-            max_attempts=max_attempts,
-            max_catch_up=max_catch_up,
-            next_fire_at=next_fire.isoformat(),
-        )
-        return UUID(str(rows[0][0]))
+        try:
+            return self.store.upsert_schedule(
+                tenant_id,
+                name,
+                job_type,
+                cron,
+                timezone=timezone,
+                payload_json=payload_json,
+                priority=priority,
+                max_attempts=max_attempts,
+                max_catch_up=max_catch_up,
+                next_fire_at=next_fire,
+            )
+        except QueueRefusedError as exc:
+            raise ScheduleError(str(exc)) from None
 
     def pause(self, schedule_id: UUID) -> bool:
         """False when there is no such schedule."""
-        rows = self._call("SELECT pause_schedule(CAST(:id AS uuid))", id=str(schedule_id))
-        return bool(rows[0][0])
+        return self.store.pause_schedule(schedule_id)
 
     def resume(self, schedule_id: UUID, *, now: datetime | None = None) -> bool:
         """Resumes from the first fire time after now (the paused time is not caught up).
@@ -339,65 +341,31 @@ class ScheduleStore:
         if schedule is None:
             return False
         next_fire = next_fire_after(schedule.cron, schedule.timezone, self._now(now))
-        rows = self._call(
-            "SELECT resume_schedule(CAST(:id AS uuid), CAST(:next_fire_at AS timestamptz))",
-            id=str(schedule_id),
-            next_fire_at=next_fire.isoformat(),
-        )
-        return bool(rows[0][0])
+        return self.store.resume_schedule(schedule_id, next_fire)
 
     def delete(self, schedule_id: UUID) -> bool:
         """False when there is no such schedule. The jobs it enqueued stay."""
-        rows = self._call("SELECT delete_schedule(CAST(:id AS uuid))", id=str(schedule_id))
-        return bool(rows[0][0])
+        return self.store.delete_schedule(schedule_id)
 
     def get(self, schedule_id: UUID) -> Schedule | None:
-        rows = self.conn.run(
-            f"SELECT {_COLUMNS} FROM queue_schedules WHERE id = CAST(:id AS uuid)",
-            id=str(schedule_id),
-        )
+        rows = self.store.schedule_rows(schedule_id=schedule_id)
         return Schedule(*rows[0]) if rows else None
 
     def list(self, tenant_id: UUID | None = None) -> list[Schedule]:
         """All schedules (or one tenant's), by tenant and name."""
-        rows = self.conn.run(
-            f"SELECT {_COLUMNS} FROM queue_schedules"
-            " WHERE CAST(:tenant AS uuid) IS NULL OR tenant_id = CAST(:tenant AS uuid)"
-            " ORDER BY tenant_id, name",
-            tenant=str(tenant_id) if tenant_id is not None else None,
-        )
-        return [Schedule(*row) for row in rows]
+        return [Schedule(*row) for row in self.store.schedule_rows(tenant_id=tenant_id)]
 
     def _now(self, now: datetime | None) -> datetime:
         if now is not None:
             return _aware(now, "now")
-        value: datetime = self.conn.run("SELECT now()")[0][0]
-        return value
-
-    def _call(self, sql: str, **params: Any) -> Any:
-        """Runs one of the schedule functions; their input errors become ScheduleError."""
-        try:
-            return self.conn.run(sql, **params)
-        except pg8000.native.DatabaseError as exc:
-            error = _pg_error(exc)
-            if error is not None and error[0] in ("22023", "23502", "23514", "22P02"):
-                raise ScheduleError(error[1]) from None
-            raise
-
-
-def _pg_error(exc: pg8000.native.DatabaseError) -> tuple[str, str] | None:
-    """(SQLSTATE, message) of a server error."""
-    details = exc.args[0] if exc.args else None
-    if isinstance(details, dict):
-        return str(details.get("C", "")), str(details.get("M", ""))
-    return None
+        return self.store.now()
 
 
 # Firing ----------------------------------------------------------------------------------------
 
 
 def fire_due_schedules(
-    conn: pg8000.native.Connection,
+    source: QueueStore | pg8000.native.Connection,
     *,
     now: datetime | None = None,
     limit: int = 100,
@@ -408,76 +376,66 @@ def fire_due_schedules(
     Reads at most `limit` due schedules (not paused, next_fire_at <= now, oldest first; also those
     whose next fire time was never computed) in one statement, then fires them one call each,
     starting no call after `time_limit_s` seconds. `now` defaults to the database's clock. Safe
-    to run from many invocations at once: each fire time is enqueued exactly once. `conn` must be
-    in autocommit (no open transaction): each schedule fires in a transaction of its own."""
+    to run from many invocations at once: each fire time is enqueued exactly once. A schedule
+    whose cron expression or time zone cannot be read pauses itself with the error recorded
+    (queue_schedule_failed), so it is reported once, not by every invocation."""
+    store = _store(source)
     deadline = time.monotonic() + time_limit_s
     report = FireReport()
     if limit < 1:
         return report
-    rows = conn.run(
-        "WITH clock AS (SELECT coalesce(CAST(:now AS timestamptz), now()) AS now)"
-        " SELECT s.id, s.cron, s.timezone, s.max_catch_up, s.next_fire_at, clock.now"
-        " FROM queue_schedules s CROSS JOIN clock"
-        " WHERE NOT s.paused AND (s.next_fire_at <= clock.now OR s.next_fire_at IS NULL)"
-        " ORDER BY s.next_fire_at NULLS FIRST LIMIT :limit",
-        now=_aware(now, "now").isoformat() if now is not None else None,
-        limit=limit,
-    )
+    due = store.due_schedules(now=_aware(now, "now") if now is not None else None, limit=limit)
     # Concurrent runs read the same rows: in different orders they fire different schedules at
     # the same time instead of queueing on one row lock after another.
-    random.shuffle(rows)
-    for index, (schedule_id, cron, timezone, max_catch_up, expected, clock) in enumerate(rows):
+    random.shuffle(due)
+    for index, schedule in enumerate(due):
         if time.monotonic() >= deadline:
-            report.remaining = len(rows) - index
+            report.remaining = len(due) - index
             break
+        expected = schedule.next_fire_at
         try:
             if expected is None:
-                due = DueFireTimes([], 0, next_fire_after(cron, timezone, clock))
+                times = DueFireTimes(
+                    [], 0, next_fire_after(schedule.cron, schedule.timezone, schedule.clock)
+                )
             else:
-                due = due_fire_times(cron, timezone, expected, clock, max_catch_up)
-            created, fired_at = conn.run(
-                "SELECT fire_schedule(CAST(:id AS uuid), CAST(:expected AS timestamptz),"
-                " CAST(:times AS timestamptz[]), CAST(:next AS timestamptz)), now()",
-                id=str(schedule_id),
-                expected=expected.isoformat() if expected is not None else None,
-                times=[t.isoformat() for t in due.fire_times],
-                next=due.next_fire_at.isoformat(),
-            )[0]
-        except (ScheduleError, pg8000.native.DatabaseError) as exc:
-            report.errors += 1
-            message = f"schedule {schedule_id}: {_describe(exc)}"
-            if len(report.error_messages) < _MAX_MESSAGES:
-                report.error_messages.append(message)
-            logger.warning("could not fire %s", message)
+                times = due_fire_times(
+                    schedule.cron,
+                    schedule.timezone,
+                    expected,
+                    schedule.clock,
+                    schedule.max_catch_up,
+                )
+        except ScheduleError as exc:
+            _note_error(report, schedule.id, str(exc))
+            if store.schedule_failed(schedule.id, expected_next=expected, error=str(exc)):
+                report.paused += 1
             continue
-        if not created and not _won(conn, schedule_id, fired_at):
-            report.conflicts += 1
+        try:
+            created, fired_at = store.fire_schedule(
+                schedule.id,
+                expected_next=expected,
+                fire_times=times.fire_times,
+                next_fire_at=times.next_fire_at,
+            )
+        except QueueRefusedError as exc:
+            _note_error(report, schedule.id, str(exc))
+            continue
+        if not created and store.schedule_updated_at(schedule.id) != fired_at:
+            report.conflicts += 1  # another run fired (or someone changed) it first
             continue
         if expected is None:
             report.initialized += 1
             continue
         report.fired += 1
-        report.jobs_created += int(created)
-        report.skipped += due.skipped
+        report.jobs_created += created
+        report.skipped += times.skipped
     return report
 
 
-def _won(conn: pg8000.native.Connection, schedule_id: UUID, fired_at: datetime) -> bool:
-    """After fire_schedule returned 0: did its compare-and-set succeed all the same (no fire time,
-    as when initialising, or every job already there)? A schedule it moved carries its
-    transaction's time, `fired_at`, in updated_at; one moved by another run carries another."""
-    rows = conn.run(
-        "SELECT updated_at = CAST(:at AS timestamptz) FROM queue_schedules"
-        " WHERE id = CAST(:id AS uuid)",
-        id=str(schedule_id),
-        at=fired_at.isoformat(),
-    )
-    return bool(rows and rows[0][0])
-
-
-def _describe(exc: Exception) -> str:
-    if isinstance(exc, pg8000.native.DatabaseError):
-        error = _pg_error(exc)
-        if error is not None:
-            return f"{error[1]} (SQLSTATE {error[0]})"
-    return str(exc)
+def _note_error(report: FireReport, schedule_id: UUID, error: str) -> None:
+    report.errors += 1
+    message = f"schedule {schedule_id}: {error}"
+    if len(report.error_messages) < _MAX_MESSAGES:
+        report.error_messages.append(message)
+    logger.warning("could not fire %s", message)

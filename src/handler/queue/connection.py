@@ -19,7 +19,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import pg8000.converters
 import pg8000.native
 
-from handler.errors import ConfigurationError
+from handler.errors import ConfigurationError, DatabaseUnavailableError
+
+__all__ = ["ConnectionSettings", "DatabaseUnavailableError", "connect", "parse_database_url"]
 
 _SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 
@@ -115,10 +117,6 @@ def settings_from_rds_secret(secret: Mapping[str, Any], *, variable: str) -> Con
         # RDS always offers TLS; verify it when the bundle is present in the runtime.
         sslmode=str(secret.get("sslmode") or "require"),
     )
-
-
-class DatabaseUnavailableError(RuntimeError):
-    """The database could not be reached. The message names where, never the credentials."""
 
 
 def connect(settings: ConnectionSettings) -> pg8000.native.Connection:

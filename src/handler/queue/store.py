@@ -1,13 +1,26 @@
-"""The queue's SQL API from Python: the only module that sends SQL about jobs.
+"""The queue's SQL API from Python: the only module that sends SQL about jobs and schedules.
 
-Every method is one call of a SQL function (one round trip, one atomic statement); the functions
-live in handler/sql/migrations and are documented there and in the README.
+`QueueStore` is the data-access layer: one typed method per SQL function of the queue (migrations
+0001-0005, schema `queue_worker`), each one statement, atomic, named by its schema. It holds one
+connection (given, or opened on first use from a provider) and sends every call in a transaction
+of its own with `SET LOCAL statement_timeout` when a deadline is set: nothing outlives the
+transaction, so the store works through a transaction pooler (docs/adr/0005-connections.md).
+
+After a lost connection a call is sent again on a new one only when it provably did not run (the
+connection broke before the statement was sent) or when it is safe to repeat by construction:
+reads, a settle (fenced by worker and attempt), a claim keyed by worker id, pruning, a schedule's
+compare-and-set. Anything else (an enqueue, a requeue) reports the loss instead of guessing.
+
+A store opened from a provider checks the schema version once, on its first connection.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable, Sequence
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -15,8 +28,12 @@ from uuid import UUID
 
 import pg8000.native
 
+from handler.errors import DatabaseUnavailableError, QueueRefusedError
+from handler.queue import migrations
+
 OutcomeKind = Literal["completed", "failed", "dead", "rate_limited", "released"]
 SettleResult = Literal["completed", "retry", "dead", "released", "stale"]
+ConnectionProvider = Callable[[], pg8000.native.Connection]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,18 +127,175 @@ class QueueStats:
     by_job_type: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class DueSchedule:
+    """A schedule a firing run should look at, with the clock it was read by."""
+
+    id: UUID
+    cron: str
+    timezone: str
+    max_catch_up: int
+    next_fire_at: datetime | None
+    clock: datetime
+
+
 _JOB_COLUMNS = (
     "id, tenant_id, job_type, payload, status, priority, attempts, max_attempts, scheduled_at,"
     " locked_until, locked_by, last_error, errors, unique_key, depends_on, created_at, updated_at,"
     " completed_at"
 )
+_DEAD_LETTER_COLUMNS = (
+    "id, tenant_id, job_type, payload, attempts, max_attempts, last_error, errors, reason, dead_at"
+)
+SCHEDULE_COLUMNS = (
+    "id, tenant_id, name, job_type, payload, cron, timezone, priority, max_attempts, paused,"
+    " max_catch_up, next_fire_at, last_fired_at, created_at, updated_at, last_error, last_error_at"
+)
+
+# Statement timeouts below this are not worth starting a statement for.
+_MIN_STATEMENT_MS = 100
+
+# SQLSTATEs our SQL functions raise for bad requests (and the constraint violations that guard
+# the same rules): the function's own message is the answer.
+_REFUSED_SQLSTATES = frozenset(
+    {"22023", "23502", "23503", "23505", "23514", "22P02", "P0001", "P0002", "02000", "54000"}
+)
+
+
+def server_error(exc: BaseException) -> tuple[str, str] | None:
+    """(SQLSTATE, message) of an error the server sent, None for anything else."""
+    if isinstance(exc, pg8000.native.DatabaseError) and exc.args and isinstance(exc.args[0], dict):
+        return str(exc.args[0].get("C", "")), str(exc.args[0].get("M", ""))
+    return None
+
+
+def is_connection_lost(exc: BaseException) -> bool:
+    """True when the connection is gone (not when the SQL was refused)."""
+    if isinstance(exc, (pg8000.native.InterfaceError, OSError, DatabaseUnavailableError)):
+        return True
+    error = server_error(exc)
+    # 08: connection exception; 57P01-57P03: terminated, crashed, restarting.
+    return error is not None and (
+        error[0].startswith("08") or error[0] in ("57P01", "57P02", "57P03")
+    )
 
 
 class QueueStore:
-    """Typed calls of the queue's SQL functions over one pg8000 connection (not thread-safe)."""
+    """Typed calls of the queue's SQL functions over one pg8000 connection (not thread-safe).
 
-    def __init__(self, conn: pg8000.native.Connection) -> None:
-        self.conn = conn
+    Give it a connection (used as is: never reopened, never closed by the store, and a call
+    made while that connection is inside a transaction of the caller's joins it), or a provider
+    that opens one (the store then reconnects after a loss and checks the schema version on each
+    new connection)."""
+
+    def __init__(self, source: pg8000.native.Connection | ConnectionProvider) -> None:
+        if isinstance(source, pg8000.native.Connection):
+            self._conn: pg8000.native.Connection | None = source
+            self._provider: ConnectionProvider | None = None
+        else:
+            self._conn = None
+            self._provider = source
+        self._deadline: float | None = None  # time.monotonic() by which statements must end
+
+    # Connection ------------------------------------------------------------------------------
+
+    @property
+    def conn(self) -> pg8000.native.Connection:
+        """The connection (opened and checked now if need be)."""
+        if self._conn is None:
+            assert self._provider is not None
+            conn = self._provider()
+            try:
+                migrations.check_schema(conn)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    def limit_statements(self, deadline: float | None) -> None:
+        """From now on every statement must end by `deadline` (time.monotonic()); the server
+        cancels it otherwise (statement_timeout). None: no limit of ours."""
+        self._deadline = deadline
+
+    def close(self) -> None:
+        if self._provider is not None and self._conn is not None:
+            with contextlib.suppress(Exception):  # it may be broken already
+                self._conn.close()
+            self._conn = None
+
+    def _discard(self) -> None:
+        self.close()
+
+    def _run(self, sql: str, *, idempotent: bool, **params: Any) -> list[list[Any]]:
+        """One statement in a transaction of its own, sent again after a lost connection only
+        when that is safe (see the module docstring)."""
+        try:
+            return self._attempt(sql, params)
+        except _LostBeforeSending:
+            pass
+        except Exception as exc:
+            if self._provider is None or not idempotent or not is_connection_lost(exc):
+                raise self._translated(exc) from None
+        self._discard()
+        try:
+            return self._attempt(sql, params)
+        except _LostBeforeSending as lost:
+            raise DatabaseUnavailableError(f"lost the connection to PostgreSQL: {lost}") from None
+        except Exception as exc:
+            raise self._translated(exc) from None
+
+    def _attempt(self, sql: str, params: dict[str, Any]) -> list[list[Any]]:
+        conn = self.conn
+        if _in_transaction(conn):  # the caller's transaction: join it
+            return _rows(conn.run(sql, **params))
+        timeout_ms = self._timeout_ms()
+        try:
+            if timeout_ms is None:
+                conn.run("BEGIN")
+            else:
+                conn.execute_simple(f"BEGIN; SET LOCAL statement_timeout = {timeout_ms}")
+        except Exception as exc:
+            if is_connection_lost(exc) and self._provider is not None:
+                raise _LostBeforeSending(str(exc)) from exc
+            raise
+        try:
+            rows = _rows(conn.run(sql, **params))
+            conn.run("COMMIT")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                if _in_transaction(conn):
+                    conn.run("ROLLBACK")
+            raise
+        return rows
+
+    def _timeout_ms(self) -> int | None:
+        if self._deadline is None:
+            return None
+        left = (self._deadline - time.monotonic()) * 1000
+        return max(_MIN_STATEMENT_MS, math.floor(left))
+
+    def _translated(self, exc: Exception) -> Exception:
+        """A server's refusal as QueueRefusedError, a lost connection as
+        DatabaseUnavailableError (the connection is dropped), anything else as it is."""
+        if is_connection_lost(exc):
+            self._discard()
+            if isinstance(exc, DatabaseUnavailableError):
+                return exc
+            return DatabaseUnavailableError(
+                f"lost the connection to PostgreSQL ({type(exc).__name__}); the statement may or"
+                " may not have been applied: check before repeating it"
+            )
+        error = server_error(exc)
+        if error is not None and error[0] == "57014":
+            return DatabaseUnavailableError(
+                "a statement ran past the invocation's time budget and PostgreSQL cancelled it"
+                " (statement_timeout)"
+            )
+        if error is not None and error[0] in _REFUSED_SQLSTATES:
+            return QueueRefusedError(error[1], error[0])
+        return exc
 
     # The worker's calls ------------------------------------------------------------------
 
@@ -136,12 +310,13 @@ class QueueStore:
         shard: int = 0,
         shards: int = 1,
     ) -> list[ClaimedJob]:
-        rows = self.conn.run(
+        rows = self._run(
             "SELECT id, tenant_id, job_type, payload::text, priority, attempts, max_attempts,"
             " scheduled_at, locked_until, created_at, rescued"
-            " FROM claim_jobs(p_worker_id => :worker, p_lease_seconds => :lease,"
+            " FROM queue_worker.claim_jobs(p_worker_id => :worker, p_lease_seconds => :lease,"
             " p_max_jobs => :max_jobs, p_max_per_tenant => :per_tenant,"
             " p_tenant_id => CAST(:tenant AS uuid), p_shard => :shard, p_shards => :shards)",
+            idempotent=False,
             worker=worker_id,
             lease=lease_seconds,
             max_jobs=max_jobs,
@@ -154,30 +329,27 @@ class QueueStore:
 
     def settle(
         self, worker_id: str | None, settlements: Sequence[Settlement]
-    ) -> dict[UUID, SettleResult]:
+    ) -> dict[SettleResult, int]:
+        """Settles the outcomes in one statement; how many jobs got each result. Safe to send
+        again: a settle is fenced by worker and attempt (a repeated one reports 'stale')."""
         if not settlements:
             return {}
-        rows = self.conn.run(
-            "SELECT job_id, result FROM settle_jobs(:worker, CAST(:outcomes AS jsonb))",
+        rows = self._run(
+            "SELECT result, count(*)::int"
+            " FROM queue_worker.settle_jobs(:worker, CAST(:outcomes AS jsonb)) GROUP BY result",
+            idempotent=True,
             worker=worker_id,
             outcomes=json.dumps([s.as_json() for s in settlements]),
         )
         return {row[0]: row[1] for row in rows}
 
-    def settle_summary(
-        self, worker_id: str | None, settlements: Sequence[Settlement]
-    ) -> dict[SettleResult, int]:
-        """As settle, in the same one statement, but only how many jobs got each result: the
-        worker's path, where parsing thousands of result rows would cost more than the SQL."""
-        if not settlements:
-            return {}
-        rows = self.conn.run(
-            "SELECT result, count(*)::int FROM settle_jobs(:worker, CAST(:outcomes AS jsonb))"
-            " GROUP BY result",
-            worker=worker_id,
-            outcomes=json.dumps([s.as_json() for s in settlements]),
-        )
-        return {row[0]: row[1] for row in rows}
+    def backlog(self) -> tuple[int, float]:
+        """(jobs due now, age in seconds of the oldest due job)."""
+        row = self._run(
+            "SELECT due_now, oldest_age_seconds FROM queue_worker.queue_backlog()",
+            idempotent=True,
+        )[0]
+        return int(row[0]), float(row[1])
 
     # The SQL API one job at a time (admin, CLI, compatibility) ------------------------------
 
@@ -193,12 +365,15 @@ class QueueStore:
         unique_key: str | None = None,
         depends_on: Iterable[UUID] | None = None,
     ) -> UUID:
-        rows = self.conn.run(
-            "SELECT enqueue_job(p_tenant_id => CAST(:tenant AS uuid), p_job_type => :job_type,"
-            " p_payload => CAST(:payload AS jsonb), p_priority => :priority,"
+        rows = self._run(
+            "SELECT queue_worker.enqueue_job(p_tenant_id => CAST(:tenant AS uuid),"
+            " p_job_type => :job_type, p_payload => CAST(:payload AS jsonb),"
+            " p_priority => :priority,"
             " p_scheduled_at => coalesce(CAST(:scheduled_at AS timestamptz), now()),"
             " p_max_attempts => :max_attempts, p_unique_key => :unique_key,"
             " p_depends_on => CAST(:depends_on AS uuid[]))",
+            # With a unique key a repeat returns the first job's id and inserts nothing.
+            idempotent=unique_key is not None,
             tenant=str(tenant_id),
             job_type=job_type,
             payload=json.dumps(payload if payload is not None else {}),
@@ -211,7 +386,12 @@ class QueueStore:
         return UUID(str(rows[0][0]))
 
     def complete(self, job_id: UUID, worker_id: str | None) -> bool:
-        rows = self.conn.run("SELECT complete_job(:id, :worker)", id=str(job_id), worker=worker_id)
+        rows = self._run(
+            "SELECT queue_worker.complete_job(CAST(:id AS uuid), :worker)",
+            idempotent=worker_id is not None,
+            id=str(job_id),
+            worker=worker_id,
+        )
         return bool(rows[0][0])
 
     def fail(
@@ -223,9 +403,10 @@ class QueueStore:
         retry_at: datetime | None = None,
         worker_id: str | None = None,
     ) -> str:
-        rows = self.conn.run(
-            "SELECT fail_job(CAST(:id AS uuid), :error, :retryable, CAST(:retry_at AS timestamptz),"
-            " :worker)",
+        rows = self._run(
+            "SELECT queue_worker.fail_job(CAST(:id AS uuid), :error, :retryable,"
+            " CAST(:retry_at AS timestamptz), :worker)",
+            idempotent=False,
             id=str(job_id),
             error=error,
             retryable=retryable,
@@ -235,10 +416,17 @@ class QueueStore:
         return str(rows[0][0])
 
     def cancel(self, job_id: UUID) -> bool:
-        return bool(self.conn.run("SELECT cancel_job(CAST(:id AS uuid))", id=str(job_id))[0][0])
+        rows = self._run(
+            "SELECT queue_worker.cancel_job(CAST(:id AS uuid))", idempotent=False, id=str(job_id)
+        )
+        return bool(rows[0][0])
 
     def requeue_dead_letter(self, job_id: UUID) -> UUID:
-        rows = self.conn.run("SELECT requeue_dead_letter(CAST(:id AS uuid))", id=str(job_id))
+        rows = self._run(
+            "SELECT queue_worker.requeue_dead_letter(CAST(:id AS uuid))",
+            idempotent=False,
+            id=str(job_id),
+        )
         return UUID(str(rows[0][0]))
 
     def requeue_dead_letters(
@@ -249,9 +437,10 @@ class QueueStore:
         dead_after: datetime | None = None,
         limit: int = 1000,
     ) -> int:
-        rows = self.conn.run(
-            "SELECT requeue_dead_letters(CAST(:tenant AS uuid), :job_type,"
+        rows = self._run(
+            "SELECT queue_worker.requeue_dead_letters(CAST(:tenant AS uuid), :job_type,"
             " CAST(:dead_after AS timestamptz), :limit)",
+            idempotent=False,
             tenant=str(tenant_id) if tenant_id else None,
             job_type=job_type,
             dead_after=dead_after,
@@ -262,20 +451,20 @@ class QueueStore:
     # Reading ------------------------------------------------------------------------------
 
     def get_job(self, job_id: UUID) -> Job | None:
-        rows = self.conn.run(
-            f"SELECT {_JOB_COLUMNS} FROM queue_jobs WHERE id = CAST(:id AS uuid)", id=str(job_id)
+        rows = self._run(
+            f"SELECT {_JOB_COLUMNS} FROM queue_worker.get_job(CAST(:id AS uuid))",
+            idempotent=True,
+            id=str(job_id),
         )
         return Job(*rows[0]) if rows else None
 
     def dead_letters(
         self, *, tenant_id: UUID | None = None, job_type: str | None = None, limit: int = 50
     ) -> list[DeadLetter]:
-        rows = self.conn.run(
-            "SELECT id, tenant_id, job_type, payload, attempts, max_attempts, last_error, errors,"
-            " reason, dead_at FROM queue_jobs_dead_letter"
-            " WHERE (CAST(:tenant AS uuid) IS NULL OR tenant_id = CAST(:tenant AS uuid))"
-            "   AND (CAST(:job_type AS text) IS NULL OR job_type = :job_type)"
-            " ORDER BY dead_at DESC LIMIT :limit",
+        rows = self._run(
+            f"SELECT {_DEAD_LETTER_COLUMNS} FROM queue_worker.list_dead_letters("
+            "CAST(:tenant AS uuid), CAST(:job_type AS text), :limit)",
+            idempotent=True,
             tenant=str(tenant_id) if tenant_id else None,
             job_type=job_type,
             limit=limit,
@@ -283,35 +472,28 @@ class QueueStore:
         return [DeadLetter(*row) for row in rows]
 
     def get_dead_letter(self, job_id: UUID) -> DeadLetter | None:
-        rows = self.conn.run(
-            "SELECT id, tenant_id, job_type, payload, attempts, max_attempts, last_error, errors,"
-            " reason, dead_at FROM queue_jobs_dead_letter WHERE id = CAST(:id AS uuid)",
+        rows = self._run(
+            f"SELECT {_DEAD_LETTER_COLUMNS} FROM queue_worker.get_dead_letter(CAST(:id AS uuid))",
+            idempotent=True,
             id=str(job_id),
         )
         return DeadLetter(*rows[0]) if rows else None
 
     def stats(self) -> QueueStats:
-        rows = self.conn.run(
-            "SELECT job_type, status, count(*)::int FROM queue_jobs GROUP BY job_type, status"
+        rows = self._run(
+            "SELECT job_type, status, jobs FROM queue_worker.queue_stats()", idempotent=True
         )
         by_status: dict[str, int] = {}
         by_type: dict[str, dict[str, int]] = {}
+        dead = 0
         for job_type, status, count in rows:
+            if status == "dead letter":
+                dead += count
+                continue
             by_status[status] = by_status.get(status, 0) + count
             by_type.setdefault(job_type, {})[status] = count
         due, oldest = self.backlog()
-        dead = int(self.conn.run("SELECT count(*) FROM queue_jobs_dead_letter")[0][0])
         return QueueStats(by_status, due, oldest, dead, by_type)
-
-    def backlog(self) -> tuple[int, float]:
-        """(jobs due now, age in seconds of the oldest due job), read from the claim index."""
-        row = self.conn.run(
-            "SELECT count(*)::int,"
-            " coalesce(extract(epoch FROM now() - min(scheduled_at)), 0)::float8"
-            " FROM queue_jobs WHERE status IN ('pending', 'processing') AND scheduled_at <= now()"
-            " AND (status = 'pending' OR locked_until < now())"
-        )[0]
-        return int(row[0]), float(row[1])
 
     # Maintenance ----------------------------------------------------------------------------
 
@@ -320,9 +502,11 @@ class QueueStore:
     ) -> tuple[int, int, int] | None:
         """Deletes one chunk of old history: (jobs, dead letters, idempotency records), or None
         when another invocation holds the pruning lock."""
-        rows = self.conn.run(
+        rows = self._run(
             "SELECT jobs_pruned, dead_letters_pruned, idempotency_pruned"
-            " FROM queue_prune(CAST(:completed AS timestamptz), CAST(:dead AS timestamptz), :chunk)",
+            " FROM queue_worker.queue_prune(CAST(:completed AS timestamptz),"
+            " CAST(:dead AS timestamptz), :chunk)",
+            idempotent=True,
             completed=completed_before,
             dead=dead_before,
             chunk=chunk,
@@ -331,3 +515,219 @@ class QueueStore:
             return None
         jobs, dead, idempotency = rows[0]
         return int(jobs), int(dead), int(idempotency)
+
+    def may_prune(self) -> bool:
+        """Whether the role connected may prune (operators may; the worker role may not)."""
+        rows = self._run(
+            "SELECT has_function_privilege("
+            "'queue_worker.queue_prune(timestamptz, timestamptz, int)', 'EXECUTE')",
+            idempotent=True,
+        )
+        return bool(rows[0][0])
+
+    # Schedules ------------------------------------------------------------------------------
+
+    def upsert_schedule(
+        self,
+        tenant_id: UUID,
+        name: str,
+        job_type: str,
+        cron: str,
+        *,
+        timezone: str,
+        payload_json: str,
+        priority: int,
+        max_attempts: int,
+        max_catch_up: int,
+        next_fire_at: datetime | None,
+    ) -> UUID:
+        rows = self._run(
+            "SELECT queue_worker.upsert_schedule(p_tenant_id => CAST(:tenant AS uuid),"
+            " p_name => :name, p_job_type => :job_type, p_cron => :cron, p_timezone => :timezone,"
+            " p_payload => CAST(:payload AS jsonb), p_priority => :priority,"
+            " p_max_attempts => :max_attempts, p_max_catch_up => :max_catch_up,"
+            " p_next_fire_at => CAST(:next_fire_at AS timestamptz))",
+            idempotent=True,  # by tenant and name: a repeat replaces with the same values
+            tenant=str(tenant_id) if tenant_id is not None else None,
+            name=name,
+            job_type=job_type,
+            cron=cron,
+            timezone=timezone,
+            payload=payload_json,
+            priority=priority,
+            max_attempts=max_attempts,
+            max_catch_up=max_catch_up,
+            next_fire_at=next_fire_at.isoformat() if next_fire_at else None,
+        )
+        return UUID(str(rows[0][0]))
+
+    def pause_schedule(self, schedule_id: UUID) -> bool:
+        rows = self._run(
+            "SELECT queue_worker.pause_schedule(CAST(:id AS uuid))",
+            idempotent=True,
+            id=str(schedule_id),
+        )
+        return bool(rows[0][0])
+
+    def resume_schedule(self, schedule_id: UUID, next_fire_at: datetime | None) -> bool:
+        rows = self._run(
+            "SELECT queue_worker.resume_schedule(CAST(:id AS uuid),"
+            " CAST(:next_fire_at AS timestamptz))",
+            idempotent=True,
+            id=str(schedule_id),
+            next_fire_at=next_fire_at.isoformat() if next_fire_at else None,
+        )
+        return bool(rows[0][0])
+
+    def delete_schedule(self, schedule_id: UUID) -> bool:
+        rows = self._run(
+            "SELECT queue_worker.delete_schedule(CAST(:id AS uuid))",
+            idempotent=False,
+            id=str(schedule_id),
+        )
+        return bool(rows[0][0])
+
+    def schedule_rows(
+        self, *, schedule_id: UUID | None = None, tenant_id: UUID | None = None
+    ) -> list[list[Any]]:
+        """Rows of SCHEDULE_COLUMNS: one schedule by id, or all (of one tenant) by tenant, name."""
+        if schedule_id is not None:
+            return self._run(
+                f"SELECT {SCHEDULE_COLUMNS} FROM queue_worker.get_schedule(CAST(:id AS uuid))",
+                idempotent=True,
+                id=str(schedule_id),
+            )
+        return self._run(
+            f"SELECT {SCHEDULE_COLUMNS} FROM queue_worker.list_schedules(CAST(:tenant AS uuid))",
+            idempotent=True,
+            tenant=str(tenant_id) if tenant_id is not None else None,
+        )
+
+    def due_schedules(self, *, now: datetime | None, limit: int) -> list[DueSchedule]:
+        rows = self._run(
+            "SELECT id, cron, timezone, max_catch_up, next_fire_at, clock"
+            " FROM queue_worker.queue_due_schedules(CAST(:now AS timestamptz), :limit)",
+            idempotent=True,
+            now=now.isoformat() if now is not None else None,
+            limit=limit,
+        )
+        return [DueSchedule(*row) for row in rows]
+
+    def fire_schedule(
+        self,
+        schedule_id: UUID,
+        *,
+        expected_next: datetime | None,
+        fire_times: Sequence[datetime],
+        next_fire_at: datetime,
+    ) -> tuple[int, datetime]:
+        """(jobs created, the firing transaction's time: the schedule's updated_at if its
+        compare-and-set won)."""
+        row = self._run(
+            "SELECT queue_worker.fire_schedule(CAST(:id AS uuid),"
+            " CAST(:expected AS timestamptz), CAST(:times AS timestamptz[]),"
+            " CAST(:next AS timestamptz)), now()",
+            # A compare-and-set on next_fire_at, and unique keys per fire time: a repeat is a no-op.
+            idempotent=True,
+            id=str(schedule_id),
+            expected=expected_next.isoformat() if expected_next is not None else None,
+            times=[t.isoformat() for t in fire_times],
+            next=next_fire_at.isoformat(),
+        )[0]
+        return int(row[0]), row[1]
+
+    def schedule_updated_at(self, schedule_id: UUID) -> datetime | None:
+        rows = self._run(
+            "SELECT updated_at FROM queue_worker.get_schedule(CAST(:id AS uuid))",
+            idempotent=True,
+            id=str(schedule_id),
+        )
+        return rows[0][0] if rows else None
+
+    def schedule_failed(
+        self, schedule_id: UUID, *, expected_next: datetime | None, error: str
+    ) -> bool:
+        rows = self._run(
+            "SELECT queue_worker.queue_schedule_failed(CAST(:id AS uuid),"
+            " CAST(:expected AS timestamptz), :error)",
+            idempotent=True,
+            id=str(schedule_id),
+            expected=expected_next.isoformat() if expected_next is not None else None,
+            error=error,
+        )
+        return bool(rows[0][0])
+
+    def now(self) -> datetime:
+        """The database's clock."""
+        value: datetime = self._run("SELECT now()", idempotent=True)[0][0]
+        return value
+
+    # Idempotency records (the PostgreSQL store of the dispatch guard) -----------------------
+
+    def idempotency_get(self, key: str) -> list[Any] | None:
+        """(id, status, expiration, in_progress_expiration, data, validation), or None."""
+        rows = self._run(
+            "SELECT id, status, expiration, in_progress_expiration, data, validation"
+            " FROM queue_worker.idempotency_get(:id)",
+            idempotent=True,
+            id=key,
+        )
+        return rows[0] if rows else None
+
+    def idempotency_put(
+        self,
+        key: str,
+        *,
+        status: str,
+        expiration: int | None,
+        in_progress_expiration: int | None,
+        validation: str | None,
+        now: int,
+        now_ms: int,
+    ) -> list[list[Any]]:
+        """Takes the key (rows [[True, ...]]), or returns the record in the way ([[False,
+        status, ...]]), or nothing when the record exists but is not visible yet."""
+        return self._run(
+            "SELECT taken, status, expiration, in_progress_expiration, data, validation"
+            " FROM queue_worker.idempotency_put(:id, :status, :expiration, :in_progress,"
+            " :validation, :now, :now_ms)",
+            # Sent twice, the second would find the first's record and refuse: no double call.
+            idempotent=False,
+            id=key,
+            status=status,
+            expiration=expiration,
+            in_progress=in_progress_expiration,
+            validation=validation,
+            now=now,
+            now_ms=now_ms,
+        )
+
+    def idempotency_update(
+        self, key: str, *, status: str, expiration: int | None, data: str, validation: str | None
+    ) -> None:
+        self._run(
+            "SELECT queue_worker.idempotency_update(:id, :status, :expiration, :data, :validation)",
+            idempotent=True,
+            id=key,
+            status=status,
+            expiration=expiration,
+            data=data,
+            validation=validation,
+        )
+
+    def idempotency_delete(self, key: str) -> None:
+        self._run("SELECT queue_worker.idempotency_delete(:id)", idempotent=True, id=key)
+
+
+class _LostBeforeSending(Exception):
+    """The connection broke before the statement was sent: sending it again is safe."""
+
+
+def _in_transaction(conn: pg8000.native.Connection) -> bool:
+    # pg8000 keeps the server's last ReadyForQuery status (b"I" idle, b"T"/b"E" in a
+    # transaction) but has no public accessor for it.
+    return getattr(conn, "_transaction_status", b"I") not in (b"I", None)
+
+
+def _rows(result: Any) -> list[list[Any]]:
+    return list(result) if result is not None else []

@@ -8,11 +8,10 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.idempotency.persistence.base import BasePersistenceLayer
@@ -27,7 +26,7 @@ from handler.operate.fanout import FanOutPlan
 from handler.operate.maintenance import PruneReport, prune
 from handler.operate.observability import SERVICE, emit_counts, emit_per_function, logger
 from handler.operate.schedules import FireReport, fire_due_schedules
-from handler.queue.database import Database
+from handler.queue import connection
 from handler.queue.store import QueueStore
 from handler.runtime.events import Invocation
 from handler.runtime.settings import Settings
@@ -35,7 +34,6 @@ from handler.runtime.settings import Settings
 if TYPE_CHECKING:
     from mypy_boto3_lambda import LambdaClient
 
-T = TypeVar("T")
 MAINTENANCE_SECONDS = 2.0
 SCHEDULES_SECONDS = 2.0
 
@@ -60,7 +58,8 @@ class _BudgetContext:
 class Worker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.database = Database(settings.database_settings)
+        self.store = QueueStore(lambda: connection.connect(settings.database_settings()))
+        self._may_prune: bool | None = None  # asked once per container
         self.dispatch_pool = ThreadPoolExecutor(
             max_workers=settings.max_concurrency, thread_name_prefix="dispatch"
         )
@@ -83,6 +82,8 @@ class Worker:
         if self._idempotency is not None:
             # Before the first idempotent call, so in-progress records expire with this invocation.
             self._idempotency.register_lambda_context(lambda_context or _BudgetContext(budget))  # type: ignore[arg-type]  # duck-typed: only get_remaining_time_in_millis is read
+        # Every statement of this invocation ends before the invocation must return.
+        self.store.limit_statements(budget.deadline - budget.safety_margin)
         runner = self._get_runner()
         scheduled = self._fire_schedules(budget)
         shard, shards = invocation.shard, invocation.shards
@@ -106,14 +107,14 @@ class Worker:
         summary.fan_out_copies = copies_started
         summary.scheduled_jobs_created = scheduled.jobs_created
         summary.pruned = self._maintain(budget).total
-        due, oldest = self._call(lambda store: store.backlog())
+        due, oldest = self.store.backlog()
         summary.duration_ms = budget.elapsed_ms()
         return summary, Backlog(due, oldest)
 
     def _fire_schedules(self, budget: TimeBudget) -> FireReport:
         """Turns due recurring schedules into jobs before the claim, so they can run at once."""
         limit = min(SCHEDULES_SECONDS, max(0.0, budget.remaining() / 10))
-        report = self._call(lambda store: fire_due_schedules(store.conn, time_limit_s=limit))
+        report = fire_due_schedules(self.store, time_limit_s=limit)
         if report.errors:
             logger.error("Some schedules could not fire", extra={"schedules": report.as_dict()})
         return report
@@ -132,7 +133,7 @@ class Worker:
             or invocation.is_fan_out_copy
         ):
             return None
-        due, _ = self._call(lambda store: store.backlog())
+        due, _ = self.store.backlog()
         plan = fanout.plan(
             due_now=due,
             per_invocation=self.settings.max_jobs_per_run,
@@ -173,17 +174,21 @@ class Worker:
             return PruneReport()
 
     def _prune(self, time_left: float) -> PruneReport:
-        return self._call(
-            lambda store: prune(
-                store,
-                completed_retention=self.settings.completed_retention,
-                dead_letter_retention=self.settings.dead_letter_retention,
-                time_limit_s=min(MAINTENANCE_SECONDS, time_left),
-            )
+        if self._may_prune is None:
+            self._may_prune = self.store.may_prune()
+            if not self._may_prune:
+                logger.info(
+                    "Pruning is left to an operator: the role this worker connects as may not "
+                    "prune (grant it EXECUTE on queue_worker.queue_prune to prune here)"
+                )
+        if not self._may_prune:
+            return PruneReport()
+        return prune(
+            self.store,
+            completed_retention=self.settings.completed_retention,
+            dead_letter_retention=self.settings.dead_letter_retention,
+            time_limit_s=min(MAINTENANCE_SECONDS, time_left),
         )
-
-    def _call(self, fn: Callable[[QueueStore], T]) -> T:
-        return self.database.call(fn)
 
     def _lambda_client(self) -> LambdaClient:
         if self._lambda is None:
@@ -203,18 +208,18 @@ class Worker:
                 self._idempotency_store = build_persistence_layer(
                     self.settings.idempotency_store,
                     table=self.settings.idempotency_table,
-                    connection_provider=self.database.connect,
+                    connection_provider=lambda: connection.connect(
+                        self.settings.database_settings()
+                    ),
                 )
             guard = DeliveryGuard(self._dispatcher, self._idempotency_store, self._idempotency)
-            self._runner = BatchRunner(
-                self.database, guard, self.settings.routes, self.dispatch_pool
-            )
+            self._runner = BatchRunner(self.store, guard, self.settings.routes, self.dispatch_pool)
         return self._runner
 
     def close(self) -> None:
         if self._dispatcher is not None:
             self._dispatcher.close()
-        self.database.close()
+        self.store.close()
         close_store = getattr(self._idempotency_store, "close", None)
         if close_store is not None:
             close_store()

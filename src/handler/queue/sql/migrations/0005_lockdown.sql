@@ -12,7 +12,8 @@
 --     reaches rows only through the functions, even if someone exposes the schema;
 --   * two roles get what they need, and nothing else: queue_worker_runtime (what one invocation
 --     of the worker calls) and queue_worker_operator (that, plus requeue, cancel, prune,
---     schedules, and the read views); service_role (Supabase) is made an operator where it exists.
+--     schedules, and the read views); service_role (Supabase), where it exists, may call the
+--     RPC entry point public.enqueue_job.
 -- The migration runner (handler.queue.migrations) runs every file with search_path set to
 -- queue_worker, and calls queue_lock_down() after each file from this one on.
 -- docs/adr/0004-schema-and-grants.md records why.
@@ -1281,7 +1282,8 @@ $$;
 -- The RPC entry point for trusted code (an Edge Function or a server with the service role key:
 -- supabase.rpc('enqueue_job', {...})), and for SQL that calls enqueue_job without naming the
 -- schema, as callers of earlier versions did. It lives in public so that PostgREST exposes it;
--- only service_role and the queue's roles may execute it, and it runs as its caller.
+-- only service_role and the queue's roles may execute it. (Supabase's service_role does not
+-- inherit the privileges of roles granted to it, so it is granted this, and only this.)
 CREATE FUNCTION public.enqueue_job(
     p_tenant_id uuid,
     p_job_type text,
@@ -1293,6 +1295,7 @@ CREATE FUNCTION public.enqueue_job(
     p_depends_on uuid[] DEFAULT NULL)
 RETURNS uuid
 LANGUAGE sql
+SECURITY DEFINER
 SET search_path = ''
 AS $$
     SELECT queue_worker.enqueue_job(p_tenant_id, p_job_type, p_payload, p_priority, p_scheduled_at,
@@ -1472,13 +1475,12 @@ GRANT EXECUTE ON FUNCTION
     queue_worker.disallow_user_enqueue(text)
 TO queue_worker_operator;
 
--- Supabase's trusted server-side role: an operator of the queue (it can do all of this and more
--- through the service role key anyway).
+-- Supabase's trusted server-side role: the RPC entry point.
 DO $$
 BEGIN
-    IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'service_role')
-       AND NOT pg_catalog.pg_has_role('service_role', 'queue_worker_operator', 'MEMBER') THEN
-        GRANT queue_worker_operator TO service_role;
+    IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'service_role') THEN
+        GRANT EXECUTE ON FUNCTION public.enqueue_job(uuid, text, jsonb, int, timestamptz, int, text, uuid[])
+            TO service_role;
     END IF;
 END;
 $$;

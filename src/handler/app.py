@@ -1,4 +1,9 @@
-"""The Lambda entry point: decorators, parse the event, run one batch, return the summary."""
+"""The Lambda entry point: decorators, parse the event, run one batch, return the summary.
+
+Whatever a user can cause (a bad event, bad configuration, an unreachable or unmigrated
+database) ends the invocation with one structured log line that says what and what to do, and
+an error whose report carries no traceback through the libraries.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ from typing import Any
 
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from handler.errors import UserError
 from handler.operate.observability import logger, metrics, tracer
 from handler.runtime.events import parse_event
 from handler.runtime.settings import load_settings
@@ -21,10 +27,19 @@ def _get_worker() -> Worker:
     return _worker
 
 
+def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    try:
+        summary: dict[str, Any] = _instrumented_handler(event, context)
+    except UserError as exc:
+        logger.error(str(exc), extra={"error_kind": exc.kind, "error_type": type(exc).__name__})
+        raise exc.with_traceback(None) from None
+    return summary
+
+
 @logger.inject_lambda_context(log_event=False, clear_state=True)
 @tracer.capture_lambda_handler(capture_response=False)
 @metrics.log_metrics
-def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+def _instrumented_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     invocation = parse_event(event)  # a bad event fails here, before any job is touched
     logger.set_correlation_id(invocation.event_id or context.aws_request_id)
     logger.info(

@@ -4,7 +4,9 @@ HTTP server in its own process)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -17,7 +19,7 @@ import pytest
 from handler import app
 from handler.batch.runner import Summary
 from handler.local.standin import StandIn
-from handler.operate.observability import metrics
+from handler.operate.observability import logger, metrics
 from handler.queue.store import QueueStore
 from handler.runtime import settings
 from handler.runtime.events import parse_event
@@ -157,6 +159,35 @@ def emf_documents(output: str) -> list[dict[str, Any]]:
                     document[key] = value[0]
             documents.append(document)
     return documents
+
+
+def log_lines(output: str) -> list[dict[str, Any]]:
+    """The JSON log lines printed (the EMF metric documents left out)."""
+    lines = []
+    for line in output.splitlines():
+        if line.startswith("{"):
+            document = json.loads(line)
+            if "level" in document and "message" in document:
+                lines.append(document)
+    return lines
+
+
+class CurrentStdout:
+    """Writes to whatever sys.stdout is when a line is logged (capsys swaps it per test phase)."""
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
+@pytest.fixture
+def logs_to_captured_stdout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The logger's handler kept the stdout of import time; make it write where capsys reads."""
+    handler = logger.registered_handler
+    assert isinstance(handler, logging.StreamHandler)
+    monkeypatch.setattr(handler, "stream", CurrentStdout())
 
 
 os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "true")

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import traceback
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 from handler import app
-from handler.errors import ConfigurationError, EventError
+from handler.errors import ConfigurationError, EventError, SchemaError
+from handler.queue import connection
 from handler.queue.store import QueueStore
 from handler.runtime import settings
 
-from .conftest import FakeLambdaContext, emf_documents
+from .conftest import FakeLambdaContext, emf_documents, log_lines
 
 EVENTS = Path(__file__).resolve().parents[2] / "events"
 SUMMARY_KEYS = {"claimed", "completed", "retried", "dead_lettered", "released", "duration_ms"}
@@ -112,3 +115,33 @@ def test_bad_configuration_fails_the_invocation_naming_the_variable(
     settings.reset_settings_cache()
     with pytest.raises(ConfigurationError, match="MAX_CONCURRENCY"):
         app.lambda_handler({}, FakeLambdaContext())
+
+
+def test_an_unmigrated_database_fails_the_invocation_with_one_line_naming_migrate(
+    lambda_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    server_url: str,
+    capsys: pytest.CaptureFixture[str],
+    logs_to_captured_stdout: None,
+) -> None:
+    # Given a database nobody has migrated
+    name = f"queue_worker_empty_{uuid.uuid4().hex[:12]}"
+    admin = connection.connect(connection.parse_database_url(server_url))
+    admin.run(f'CREATE DATABASE "{name}"')
+    try:
+        parts = urlsplit(server_url)
+        monkeypatch.setenv("DATABASE_URL", urlunsplit(parts._replace(path=f"/{name}")))
+        settings.reset_settings_cache()
+        # When the Lambda is invoked, then it fails with the schema's one-line error
+        with pytest.raises(SchemaError, match="run `queue-worker migrate`") as failure:
+            app.lambda_handler({}, FakeLambdaContext())
+        # whose report has no traceback through the libraries, and one structured log line
+        frames = traceback.extract_tb(failure.value.__traceback__)
+        assert [frame.name for frame in frames[1:]] == ["lambda_handler"]
+        errors = [line for line in log_lines(capsys.readouterr().out) if line["level"] == "ERROR"]
+        assert len(errors) == 1
+        assert "queue-worker migrate" in errors[0]["message"]
+        assert errors[0]["error_kind"] == "configuration"
+    finally:
+        admin.run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()

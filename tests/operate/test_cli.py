@@ -109,6 +109,62 @@ def test_migrate_applies_every_migration_then_says_the_database_is_up_to_date(
         conn.close()
 
 
+def test_migrate_check_exits_1_while_migrations_are_pending_and_0_once_applied(
+    empty_database_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", empty_database_url)
+    status, out, _ = run_cli(capsys, "migrate", "--check")
+    assert status == 1
+    assert out.startswith("pending: 0001_queue, ")
+    assert "run `queue-worker migrate`" in out
+    assert run_cli(capsys, "migrate")[0] == 0
+    assert run_cli(capsys, "migrate", "--check") == (0, "up to date: nothing to apply\n", "")
+
+
+def schema_objects(url: str) -> list[list[str]]:
+    conn = connection.connect(connection.parse_database_url(url))
+    try:
+        return conn.run(
+            "SELECT n.nspname || '.' || c.relname FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')"
+        ) + conn.run("SELECT nspname FROM pg_namespace WHERE nspname = 'queue_worker'")
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["stats"],
+        ["enqueue", str(TENANT), "ingest_slack"],
+        ["dead-letters", "list"],
+        ["schedules", "list"],
+        ["run"],
+    ],
+    ids=["stats", "enqueue", "dead-letters", "schedules", "run"],
+)
+def test_every_command_but_migrate_refuses_an_unmigrated_database_and_changes_nothing(
+    empty_database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+) -> None:
+    # Given an empty database (and functions configured, for run)
+    monkeypatch.setenv("DATABASE_URL", empty_database_url)
+    monkeypatch.setenv("FUNCTIONS_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("SUPABASE_SERVICE_ROLE_KEY", "k")
+    # When a command other than migrate runs
+    status, out, err = run_cli(capsys, *argv)
+    # Then it fails with one line that names migrate, and creates nothing
+    assert status != 0
+    assert out == ""
+    assert err.count("\n") == 1
+    assert "queue-worker migrate" in err
+    assert "Traceback" not in err
+    assert schema_objects(empty_database_url) == []
+
+
 # enqueue ----------------------------------------------------------------------------------------
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +17,7 @@ from handler.dispatch.idempotency import PostgresPersistenceLayer
 from handler.operate.observability import logger
 from handler.queue.store import QueueStore
 
-from .conftest import FakeLambdaContext
+from .conftest import FakeLambdaContext, log_lines
 
 JOB_FIELDS = ("job_id", "tenant_id", "job_type", "attempt")
 RULE_EVENT_ID = "53dc4d37-cffa-4f76-80c9-8b7d4a4d2eaa"
@@ -35,17 +34,6 @@ RULE_EVENT = {
 }
 
 
-def log_lines(output: str) -> list[dict[str, Any]]:
-    """The JSON log lines printed (the EMF metric documents left out)."""
-    lines = []
-    for line in output.splitlines():
-        if line.startswith("{"):
-            document = json.loads(line)
-            if "level" in document and "message" in document:
-                lines.append(document)
-    return lines
-
-
 def about_a_job(line: dict[str, Any], job_ids: set[str]) -> bool:
     """A line is about a job when it carries any job field, or names a known job anywhere."""
     text = json.dumps(line)
@@ -54,22 +42,9 @@ def about_a_job(line: dict[str, Any], job_ids: set[str]) -> bool:
     )
 
 
-class CurrentStdout:
-    """Writes to whatever sys.stdout is when a line is logged (capsys swaps it per test phase)."""
-
-    def write(self, text: str) -> int:
-        return sys.stdout.write(text)
-
-    def flush(self) -> None:
-        sys.stdout.flush()
-
-
 @pytest.fixture(autouse=True)
-def logs_to_captured_stdout(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The logger's handler kept the stdout of import time; make it write where capsys reads."""
-    handler = logger.registered_handler
-    assert isinstance(handler, logging.StreamHandler)
-    monkeypatch.setattr(handler, "stream", CurrentStdout())
+def _logs_to_capsys(logs_to_captured_stdout: None) -> None:
+    """Every test here reads the log lines with capsys."""
 
 
 @pytest.fixture

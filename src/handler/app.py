@@ -29,7 +29,7 @@ def _get_worker() -> Worker:
 
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     try:
-        summary: dict[str, Any] = _instrumented_handler(event, context)
+        summary: dict[str, Any] = handle_invocation(event, context)
     except UserError as exc:
         logger.error(str(exc), extra={"error_kind": exc.kind, "error_type": type(exc).__name__})
         raise exc.with_traceback(None) from None
@@ -39,7 +39,7 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
 @logger.inject_lambda_context(log_event=False, clear_state=True)
 @tracer.capture_lambda_handler(capture_response=False)
 @metrics.log_metrics
-def _instrumented_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+def handle_invocation(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     invocation = parse_event(event)  # a bad event fails here, before any job is touched
     logger.set_correlation_id(invocation.event_id or context.aws_request_id)
     logger.info(

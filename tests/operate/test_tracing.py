@@ -184,12 +184,12 @@ def test_under_the_lambda_handler_each_dispatch_subsegment_is_a_child_of_the_han
     # Given tracing on, a segment open in this thread, and five due jobs
     routes = one_job_per_default_route(queue, failing="ingest_slack")
     segment = recorder.begin_segment("test")
-    # When the Lambda handler runs (it opens the "## lambda_handler" subsegment)
+    # When the Lambda handler runs (it opens the "## handle_invocation" subsegment)
     result = app.lambda_handler({}, FakeLambdaContext())
     recorder.end_segment()
     # Then every dispatch subsegment hangs under the handler's subsegment, not beside it
     assert result["claimed"] == 5
-    handler = xray.named("## lambda_handler")
+    handler = xray.named("## handle_invocation")
     assert handler["parent_id"] == segment.id
     assert_one_dispatch_subsegment_per_job(
         xray, routes, parent_id=handler["id"], trace_id=segment.trace_id, failing="ingest_slack"
@@ -215,7 +215,7 @@ def test_in_the_lambda_runtime_dispatch_subsegments_join_the_invocations_trace(
     # Then the handler's subsegment is a child of the service's segment, and every dispatch
     # subsegment a child of the handler's (not of a segment the dispatch thread made up)
     assert result["claimed"] == 5
-    handler = xray.named("## lambda_handler")
+    handler = xray.named("## handle_invocation")
     assert handler["parent_id"] == LAMBDA_PARENT
     assert handler["trace_id"] == TRACE_ROOT
     assert_one_dispatch_subsegment_per_job(

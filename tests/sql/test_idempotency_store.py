@@ -473,3 +473,19 @@ def test_idempotency_config_defaults() -> None:
     assert cfg.raise_on_no_idempotency_key is True
     assert cfg.expires_after_seconds == 3600
     assert idempotency_config(60).expires_after_seconds == 60
+
+
+def test_the_guard_configures_its_store_before_any_dispatch_thread_can_use_it(
+    layer: PostgresPersistenceLayer,
+) -> None:
+    # Powertools marks a store configured before it compiles the key's expression: threads that
+    # configured it lazily, at once, saw it half done ("'NoneType' object has no attribute
+    # 'search'"). The guard configures it when it is built, in the building thread.
+    from handler.dispatch.client import Dispatcher
+    from handler.dispatch.guard import IDEMPOTENCY_KEY_PREFIX, DeliveryGuard
+
+    assert not layer.configured
+    DeliveryGuard(Dispatcher("http://127.0.0.1:9", "key"), layer, idempotency_config())
+    assert layer.configured
+    assert layer.event_key_compiled_jmespath.search({"job_id": "j"}) == "j"
+    assert layer.function_name == IDEMPOTENCY_KEY_PREFIX

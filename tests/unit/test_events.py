@@ -206,6 +206,8 @@ def test_tenant_uuid_of_wrong_type_is_named() -> None:
         ([5], "must be a JSON integer >= 1, not list [5]"),
         (0, "must be >= 1, not 0"),
         (-1, "must be >= 1, not -1"),
+        (100_001, "must be at most 100000, not 100001"),
+        (2**31, "must be at most 100000, not 2147483648"),
     ],
 )
 def test_max_jobs_that_is_not_a_positive_json_integer_is_named(value: Any, message: str) -> None:
@@ -347,3 +349,7 @@ def test_any_json_value_gives_an_invocation_or_an_event_error(event: Any) -> Non
     assert isinstance(result, Invocation | EventError)
     if isinstance(result, EventError):
         assert str(result).startswith(f"event field '{result.field}' ")
+
+
+def test_the_largest_max_jobs_is_accepted() -> None:
+    assert parse_event({"max_jobs": 100_000}).max_jobs_per_tenant == 100_000

@@ -80,6 +80,12 @@ class DeliveryGuard:
         self._store = persistence_store
         self._guarded: Callable[..., dict[str, Any]] | None = None
         if persistence_store is not None:
+            # Powertools configures a store on its first call, marking it configured before it
+            # has compiled the key's expression: dispatch threads racing through that call saw a
+            # half-configured store. Configured here, once, before any thread uses it.
+            persistence_store.configure(
+                config or IdempotencyConfig(), key_prefix=IDEMPOTENCY_KEY_PREFIX
+            )
             self._guarded = idempotent_function(
                 data_keyword_argument="job",
                 persistence_store=persistence_store,

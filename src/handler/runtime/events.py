@@ -26,6 +26,8 @@ _RULE_KEYS = frozenset(
     {"version", "id", "detail-type", "source", "account", "time", "region", "resources", "detail"}
 )
 MAX_SHARDS = 1000
+# As MAX_JOBS_PER_TENANT's bound: the claim's limits are 32-bit integers in SQL.
+MAX_JOBS = 100_000
 # The canonical 8-4-4-4-12 form, or the same 32 hex digits without hyphens (as PostgreSQL takes).
 _UUID_TEXT = re.compile(
     r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|[0-9a-fA-F]{32}",
@@ -102,6 +104,8 @@ def _parse_overrides(
 ) -> Invocation:
     tenant_id = _uuid(values.get("tenant_id"), f"{prefix}tenant_id")
     max_jobs = _positive_int(values.get("max_jobs"), f"{prefix}max_jobs")
+    if max_jobs is not None and max_jobs > MAX_JOBS:
+        raise EventError(f"{prefix}max_jobs", f"must be at most {MAX_JOBS}, not {max_jobs}")
     shards = _positive_int(values.get("shards"), f"{prefix}shards") or 1
     if shards > MAX_SHARDS:
         raise EventError(f"{prefix}shards", f"must be at most {MAX_SHARDS}")

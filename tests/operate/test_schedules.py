@@ -16,6 +16,8 @@ from zoneinfo import ZoneInfo
 
 import pg8000.native
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from handler.local.schedules_command import add_schedule_commands
 from handler.operate.schedules import (
@@ -322,6 +324,112 @@ def test_bad_input_gives_clear_errors_and_changes_nothing(
     )
     assert schedules.get(schedule_id) == before
     assert len(schedules.list()) == 1
+
+
+@pytest.mark.parametrize(
+    "cron",
+    [
+        "61 25 * * *",
+        "0 24 * * *",
+        "0 0 32 * *",
+        "0 0 * 13 *",
+        "0 0 * * 8",
+        "5-1 * * * *",
+        "*/0 * * * *",
+        "0 0 * *",
+        "0 0 * * * *",
+        "every day",
+        "@sometimes",
+        "0 9 * * FUNDAY",
+    ],
+)
+def test_upsert_schedule_in_sql_refuses_a_cron_expression_out_of_range(
+    conn: pg8000.native.Connection, cron: str
+) -> None:
+    with pytest.raises(pg8000.native.DatabaseError, match="invalid cron expression"):
+        conn.run(
+            "SELECT upsert_schedule(CAST(:tenant AS uuid), 'bad', 'ingest_slack', :cron)",
+            tenant=str(TENANT),
+            cron=cron,
+        )
+    assert conn.run("SELECT count(*) FROM queue_schedules") == [[0]]
+
+
+_FIELD_RANGES = [(0, 59), (0, 23), (1, 31), (1, 12), (0, 7)]
+
+
+@st.composite
+def cron_fields(draw: st.DrawFn) -> str:
+    """Five fields of the syntax both sides read: *, numbers, ranges, steps, lists; numbers
+    drawn a little past each field's range, so that both valid and invalid ones come up."""
+    fields = []
+    for low, high in _FIELD_RANGES:
+        items = []
+        for _ in range(draw(st.integers(1, 3))):
+            number = st.integers(max(0, low - 1), high + 2)
+            kind = draw(st.sampled_from(["*", "n", "range", "step", "range-step"]))
+            if kind == "*":
+                item = "*"
+            elif kind == "n":
+                item = str(draw(number))
+            elif kind == "range":
+                item = f"{draw(number)}-{draw(number)}"
+            elif kind == "step":
+                item = f"*/{draw(st.integers(0, 61))}"
+            else:
+                item = f"{draw(number)}-{draw(number)}/{draw(st.integers(0, 61))}"
+            items.append(item)
+        fields.append(",".join(items))
+    return " ".join(fields)
+
+
+@given(cron=cron_fields())
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_the_sql_check_of_cron_agrees_with_the_cron_library(
+    conn: pg8000.native.Connection, cron: str
+) -> None:
+    [[valid_in_sql]] = conn.run("SELECT queue_cron_is_valid(:cron)", cron=cron)
+    try:
+        validate(cron, "UTC")
+        valid_in_python = True
+    except ScheduleError:
+        valid_in_python = False
+    assert valid_in_sql == valid_in_python, cron
+
+
+def test_a_schedule_whose_cron_the_worker_cannot_read_pauses_itself_with_its_error(
+    schedules: Schedules, conn: pg8000.native.Connection
+) -> None:
+    # Given a schedule stored from SQL whose cron expression passes the SQL check but not the
+    # cron library (day 31 of February never comes), due now
+    conn.run(
+        "INSERT INTO queue_schedules (tenant_id, name, job_type, cron, next_fire_at)"
+        " VALUES (CAST(:tenant AS uuid), 'never', 'generate_digest', '0 0 31 2 *', :at)",
+        tenant=str(TENANT),
+        at=utc(2024, 5, 6, 10),
+    )
+    fine = every_15(schedules)
+    # When due schedules fire, twice
+    first = fire_due_schedules(conn, now=utc(2024, 5, 6, 10, 16))
+    second = fire_due_schedules(conn, now=utc(2024, 5, 6, 10, 31))
+    # Then the bad one is reported once, pauses itself with the error kept, and the good one
+    # goes on firing
+    assert (first.errors, first.paused, first.fired) == (1, 1, 1)
+    assert (second.errors, second.paused, second.fired) == (0, 0, 1)
+    [bad] = [s for s in schedules.list() if s.name == "never"]
+    assert bad.paused is True
+    assert bad.next_fire_at is None
+    assert bad.last_error is not None
+    assert "invalid cron expression '0 0 31 2 *'" in bad.last_error
+    assert schedules.get(fine).paused is False  # type: ignore[union-attr]
+    # And resuming it clears the error (a fixed schedule starts clean)
+    conn.run("UPDATE queue_schedules SET cron = '0 0 * * *' WHERE name = 'never'")
+    assert schedules.resume(bad.id, now=utc(2024, 5, 6, 11))
+    resumed = schedules.get(bad.id)
+    assert resumed is not None
+    assert (resumed.paused, resumed.last_error) == (False, None)
 
 
 # Firing ----------------------------------------------------------------------------------------

@@ -195,3 +195,20 @@ def test_requeue_of_a_job_whose_dependency_was_cancelled_is_refused(queue) -> No
     # When c is requeued, then the requeue fails clearly (a can never complete): nothing changes
     with queue.rejects("23503", f"dependency {a} of job {c} was cancelled"):
         queue.store.requeue_dead_letter(c)
+
+
+@pytest.mark.parametrize("where", ["queue", "dead letter table"])
+def test_a_job_may_not_depend_on_another_tenants_job(queue, where: str) -> None:
+    # Given a job of tenant B (live, or dead-lettered)
+    tenant_a, tenant_b = uuid.uuid4(), uuid.uuid4()
+    other = queue.enqueue(tenant_b)
+    if where == "dead letter table":
+        queue.claim_ids(tenant_id=tenant_b)
+        queue.fail(other, "worker-a", retryable=False)
+        assert queue.in_dead_letter(other)
+    own = queue.enqueue(tenant_a)
+
+    # When tenant A enqueues a job depending on it (among its own), then it is refused as if the
+    # job did not exist, and nothing is inserted
+    with queue.rejects("23503", f"dependency {other} does not exist for this tenant"):
+        queue.enqueue(tenant_a, depends_on=[own, other])

@@ -33,6 +33,10 @@ _TABLES = (
     "queue_job_dependencies",
     "queue_idempotency",
     "queue_schedules",
+    "queue_tenants",
+    "queue_tenant_limits",
+    "queue_functions",
+    "queue_routes",
 )
 
 

@@ -27,6 +27,10 @@ _TABLES = (
     "queue_jobs_dead_letter",
     "queue_job_dependencies",
     "queue_idempotency",
+    "queue_tenants",
+    "queue_tenant_limits",
+    "queue_functions",
+    "queue_routes",
 )
 
 

@@ -77,19 +77,20 @@ def test_a_claim_takes_at_most_max_per_tenant_jobs_of_each_tenant(queue) -> None
     assert got == {jobs[a][4], jobs[a][3], jobs[b][4], jobs[b][3]}
 
 
-def test_a_claim_takes_at_most_max_jobs_in_all_the_best_across_tenants(queue) -> None:
+def test_a_claim_shares_max_jobs_between_tenants_each_tenants_best_jobs_first(queue) -> None:
     # Given tenant A with three low-priority jobs and tenant B with two urgent ones
     a, b = uuid.uuid4(), uuid.uuid4()
     now = queue.now()
     a_jobs = [queue.enqueue(a, scheduled_at=now - timedelta(minutes=m)) for m in (3, 2, 1)]
-    b_jobs = [queue.enqueue(b, priority=9) for _ in range(2)]
+    b_jobs = [queue.enqueue(b, priority=9), queue.enqueue(b, priority=5)]
 
     # When a worker claims three jobs in all
     claimed = queue.claim(max_jobs=3, max_per_tenant=10)
 
-    # Then it gets B's two urgent jobs and A's oldest one
-    assert {c.id for c in claimed} == {*b_jobs, a_jobs[0]}
-    assert queue.status(a_jobs[1]) == queue.status(a_jobs[2]) == "pending"
+    # Then the tenants share them (equal weights: two for the one that has waited longest, one
+    # for the other), and each tenant's share is its best jobs: B's most urgent, A's oldest
+    assert {c.id for c in claimed} == {b_jobs[0], a_jobs[0], a_jobs[1]}
+    assert queue.status(a_jobs[2]) == queue.status(b_jobs[1]) == "pending"
 
 
 def test_a_claim_for_one_tenant_takes_only_that_tenants_jobs(queue) -> None:

@@ -14,30 +14,16 @@ from tests.conftest import TEST_SEARCH_PATH
 
 # The statements claim_jobs runs, copied from its SQL with literal values. {tenant} is filled in.
 PER_TENANT_READ = """
-    SELECT q.tenant_id, q.priority, q.scheduled_at
+    SELECT q.id, q.tenant_id, q.job_type, q.priority, q.scheduled_at
     FROM queue_jobs q
-    WHERE q.tenant_id = '{tenant}'
-      AND q.status IN ('pending', 'processing')
-      AND q.scheduled_at <= now()
-      AND (q.status = 'pending' OR (q.locked_until < now() AND q.attempts < q.max_attempts))
+    WHERE q.tenant_id = '{tenant}' AND q.status = 'pending' AND q.scheduled_at <= now()
+      AND NOT (q.id = ANY ('{{}}'::uuid[]))
     ORDER BY q.priority DESC, q.scheduled_at
     LIMIT 10
 """
-PER_TENANT_LOCK = """
-    SELECT q.id, q.status
-    FROM queue_jobs q
-    WHERE q.tenant_id = '{tenant}'
-      AND q.status IN ('pending', 'processing')
-      AND q.scheduled_at <= now()
-      AND (q.status = 'pending' OR (q.locked_until < now() AND q.attempts < q.max_attempts))
-    ORDER BY q.priority DESC, q.scheduled_at
-    LIMIT 3
-    FOR UPDATE SKIP LOCKED
-"""
-NEXT_TENANT = """
-    SELECT q.tenant_id FROM queue_jobs q
-    WHERE q.status IN ('pending', 'processing') AND q.tenant_id > '{tenant}'
-    ORDER BY q.tenant_id LIMIT 1
+NEXT_DUE = """
+    SELECT min(j.scheduled_at) FROM queue_jobs j
+    WHERE j.tenant_id = '{tenant}' AND j.status = 'pending'
 """
 EXPIRED_LAST_ATTEMPTS = """
     SELECT q.id, q.max_attempts FROM queue_jobs q
@@ -82,7 +68,9 @@ def history(database_url: str) -> Iterator[pg8000.native.Connection]:
     conn = connection.connect(connection.parse_database_url(database_url))
     conn.run(TEST_SEARCH_PATH)
     try:
-        conn.run("TRUNCATE queue_jobs, queue_jobs_dead_letter, queue_job_dependencies")
+        conn.run(
+            "TRUNCATE queue_jobs, queue_jobs_dead_letter, queue_job_dependencies, queue_tenants"
+        )
         _insert_history(conn, "completed")
         conn.run(
             "SELECT enqueue_job(t, 'ingest_slack', p_priority => p)"
@@ -91,25 +79,27 @@ def history(database_url: str) -> Iterator[pg8000.native.Connection]:
         )
         conn.run("ANALYZE queue_jobs")
         yield conn
-        conn.run("TRUNCATE queue_jobs, queue_jobs_dead_letter, queue_job_dependencies")
+        conn.run(
+            "TRUNCATE queue_jobs, queue_jobs_dead_letter, queue_job_dependencies, queue_tenants"
+        )
     finally:
         conn.close()
 
 
 @pytest.mark.parametrize(
-    "sql",
-    [PER_TENANT_READ, PER_TENANT_LOCK, NEXT_TENANT],
-    ids=["per-tenant read", "per-tenant lock", "next tenant"],
+    ("sql", "index"),
+    [(PER_TENANT_READ, "queue_jobs_pending_idx"), (NEXT_DUE, "queue_jobs_pending_due_idx")],
+    ids=["per-tenant read", "next due time"],
 )
-def test_the_claims_per_tenant_statements_read_the_claim_index_not_the_table(
-    history: pg8000.native.Connection, sql: str
+def test_the_claims_per_tenant_statements_read_an_index_of_pending_jobs_not_the_table(
+    history: pg8000.native.Connection, sql: str, index: str
 ) -> None:
     # Given 100,000 completed jobs and a few pending ones, analysed
     # When the claim's statement is explained
     nodes = _explain(history, sql.format(tenant=TENANTS[0]))
 
-    # Then it reads queue_jobs_claim_idx, and never scans the table
-    assert "queue_jobs_claim_idx" in {n.get("Index Name") for n in nodes}
+    # Then it reads the index of pending jobs, and never scans the table
+    assert index in {n.get("Index Name") for n in nodes}
     assert not [n for n in nodes if n["Node Type"] == "Seq Scan"]
 
 
@@ -120,14 +110,18 @@ def test_the_search_for_expired_last_attempts_reads_expired_leases_not_the_backl
     conn = connection.connect(connection.parse_database_url(database_url))
     conn.run(TEST_SEARCH_PATH)
     try:
-        conn.run("TRUNCATE queue_jobs, queue_jobs_dead_letter, queue_job_dependencies")
+        conn.run(
+            "TRUNCATE queue_jobs, queue_jobs_dead_letter, queue_job_dependencies, queue_tenants"
+        )
         _insert_history(conn, "pending")
         conn.run("ANALYZE queue_jobs")
 
         # When the claim's search for jobs whose worker died on their last attempt is explained
         nodes = _explain(conn, EXPIRED_LAST_ATTEMPTS)
     finally:
-        conn.run("TRUNCATE queue_jobs, queue_jobs_dead_letter, queue_job_dependencies")
+        conn.run(
+            "TRUNCATE queue_jobs, queue_jobs_dead_letter, queue_job_dependencies, queue_tenants"
+        )
         conn.close()
 
     # Then it reads queue_jobs_lease_idx (processing jobs by lease), not the claim index (the
@@ -165,7 +159,9 @@ def test_a_claim_reads_about_as_many_blocks_with_a_large_history_or_backlog(
     conn = connection.connect(connection.parse_database_url(database_url))
     conn.run(TEST_SEARCH_PATH)
     try:
-        conn.run("TRUNCATE queue_jobs, queue_jobs_dead_letter, queue_job_dependencies")
+        conn.run(
+            "TRUNCATE queue_jobs, queue_jobs_dead_letter, queue_job_dependencies, queue_tenants"
+        )
         conn.run(
             "SELECT enqueue_job(t, 'ingest_slack', p_priority => 1)"
             " FROM unnest(CAST(:tenants AS uuid[])) t, generate_series(1, 20)",
@@ -180,7 +176,9 @@ def test_a_claim_reads_about_as_many_blocks_with_a_large_history_or_backlog(
         conn.run("ANALYZE queue_jobs")
         table_after, claim_after = _table_blocks(conn), _steady_claim_blocks(conn)
     finally:
-        conn.run("TRUNCATE queue_jobs, queue_jobs_dead_letter, queue_job_dependencies")
+        conn.run(
+            "TRUNCATE queue_jobs, queue_jobs_dead_letter, queue_job_dependencies, queue_tenants"
+        )
         conn.close()
 
     # Then the table has grown by a thousand blocks or more, and a claim reads only a few more

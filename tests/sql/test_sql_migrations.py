@@ -90,7 +90,7 @@ def test_migrate_applies_every_migration_to_a_new_database_then_has_nothing_to_d
     schema = fingerprint(conn)
     names = {row[1] for row in schema}
     assert {"queue_jobs", "queue_jobs_dead_letter", "queue_job_dependencies"} <= names
-    assert {"queue_jobs_claim_idx", "queue_jobs_lease_idx"} <= names
+    assert {"queue_jobs_pending_idx", "queue_jobs_lease_idx", "queue_tenants"} <= names
     functions = {
         row[1].split("(")[0].removeprefix("queue_worker.") for row in schema if row[0] == "function"
     }

@@ -31,7 +31,9 @@ import pg8000.native
 from handler.errors import DatabaseUnavailableError, QueueRefusedError
 from handler.queue import migrations
 
-OutcomeKind = Literal["completed", "failed", "dead", "rate_limited", "released"]
+OutcomeKind = Literal[
+    "completed", "failed", "dead", "rate_limited", "released", "deferred", "expired"
+]
 SettleResult = Literal["completed", "retry", "dead", "released", "stale"]
 ConnectionProvider = Callable[[], pg8000.native.Connection]
 
@@ -53,6 +55,9 @@ class ClaimedJob:
     locked_until: datetime
     created_at: datetime
     rescued: bool  # taken over from a worker whose lease expired
+    # Its last attempt's lease expired: leased again, with no new attempt, so that the worker asks
+    # the idempotency store whether that attempt succeeded (claim with defer_exhausted).
+    exhausted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,14 +314,19 @@ class QueueStore:
         tenant_id: UUID | None = None,
         shard: int = 0,
         shards: int = 1,
+        claim_round: int | None = None,
+        defer_exhausted: bool = False,
     ) -> list[ClaimedJob]:
+        """Leases due jobs (claim_jobs). With `claim_round` the claim is keyed by worker and round,
+        so it is sent again after a lost connection: a repeat returns the same jobs."""
         rows = self._run(
             "SELECT id, tenant_id, job_type, payload::text, priority, attempts, max_attempts,"
-            " scheduled_at, locked_until, created_at, rescued"
+            " scheduled_at, locked_until, created_at, rescued, exhausted"
             " FROM queue_worker.claim_jobs(p_worker_id => :worker, p_lease_seconds => :lease,"
             " p_max_jobs => :max_jobs, p_max_per_tenant => :per_tenant,"
-            " p_tenant_id => CAST(:tenant AS uuid), p_shard => :shard, p_shards => :shards)",
-            idempotent=False,
+            " p_tenant_id => CAST(:tenant AS uuid), p_shard => :shard, p_shards => :shards,"
+            " p_round => CAST(:round AS int), p_defer_exhausted => :defer)",
+            idempotent=claim_round is not None,
             worker=worker_id,
             lease=lease_seconds,
             max_jobs=max_jobs,
@@ -324,6 +334,8 @@ class QueueStore:
             tenant=str(tenant_id) if tenant_id else None,
             shard=shard,
             shards=shards,
+            round=claim_round,
+            defer=defer_exhausted,
         )
         return [ClaimedJob(*row) for row in rows]
 

@@ -46,9 +46,27 @@ class SchemaError(UserError):
 
 class DatabaseUnavailableError(UserError, RuntimeError):
     """The database could not be reached, or the connection was lost. The message names where,
-    never the credentials."""
+    never the credentials. `sqlstate`: the server's code, when it sent one (57P03: starting up,
+    shutting down or recovering)."""
 
     kind: ClassVar[ErrorKind] = "unreachable"
+
+    def __init__(self, message: str, *, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+class DatabaseConfigurationError(ConfigurationError):
+    """Connecting failed in a way only a change of settings mends: the server refused the
+    password, the user or the database (`sqlstate` says which), or TLS could not be set up as
+    sslmode and sslrootcert ask. `variable` names where the settings came from (DATABASE_URL,
+    or DATABASE_SECRET_ARN for an RDS secret); the message is the whole line, never the
+    password."""
+
+    def __init__(self, variable: str, message: str, *, sqlstate: str | None = None) -> None:
+        Exception.__init__(self, message)
+        self.variable = variable
+        self.sqlstate = sqlstate
 
 
 class QueueRefusedError(UserError):

@@ -116,26 +116,60 @@ def rds_secret(database_url: str) -> dict[str, Any]:
 # Resolution -----------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def rds_ca_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A CA file standing in for the RDS bundle, and a home folder without libpq's default
+    root file (~/.postgresql/root.crt), which would count too."""
+    import trustme
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = tmp_path / "global-bundle.pem"
+    trustme.CA().cert_pem.write_to_path(str(path))
+    return str(path)
+
+
 def test_database_settings_resolve_from_an_rds_secret(
-    create_secret: Callable[..., str], database_url: str
+    create_secret: Callable[..., str], database_url: str, rds_ca_file: str
 ) -> None:
-    # Given an RDS-shaped secret and only its ARN in the environment
+    # Given an RDS-shaped secret and its ARN in the environment, with the RDS CA bundle
     secret = rds_secret(database_url)
     arn = create_secret(secret)
-    settings = parse_settings(BASE | {"DATABASE_SECRET_ARN": arn, "SUPABASE_SERVICE_ROLE_KEY": "k"})
+    settings = parse_settings(
+        BASE
+        | {
+            "DATABASE_SECRET_ARN": arn,
+            "DATABASE_SSLROOTCERT": rds_ca_file,
+            "SUPABASE_SERVICE_ROLE_KEY": "k",
+        }
+    )
     # When the database settings are needed
     resolved = settings.database_settings()
-    # Then they are the secret's, with TLS required (RDS always offers it)
+    # Then they are the secret's, with TLS verified against the bundle (verify-full)
     assert resolved == ConnectionSettings(
         host=secret["host"],
         port=secret["port"],
         database=secret["dbname"],
         user=secret["username"],
         password=DB_PASSWORD,
-        sslmode="require",
+        sslmode="verify-full",
+        sslrootcert=rds_ca_file,
     )
     assert settings.database is None
     assert DB_PASSWORD not in repr(settings) + repr(resolved) + resolved.describe()
+
+
+def test_an_rds_secret_without_a_root_certificate_names_database_sslrootcert(
+    create_secret: Callable[..., str], database_url: str, rds_ca_file: str
+) -> None:
+    # Given the secret's ARN and no DATABASE_SSLROOTCERT
+    arn = create_secret(rds_secret(database_url))
+    settings = parse_settings(BASE | {"DATABASE_SECRET_ARN": arn, "SUPABASE_SERVICE_ROLE_KEY": "k"})
+    # When the database settings are needed, Then the variable to set is named
+    with pytest.raises(ConfigurationError) as caught:
+        settings.database_settings()
+    assert caught.value.variable == "DATABASE_SSLROOTCERT"
+    assert "global-bundle.pem" in str(caught.value)
+    assert DB_PASSWORD not in str(caught.value)
 
 
 @pytest.mark.parametrize(
@@ -269,12 +303,18 @@ def test_each_secret_is_fetched_once_then_served_from_the_powertools_cache(
     secretsmanager: Any,
     secret_reads: Callable[[], int],
     database_url: str,
+    rds_ca_file: str,
 ) -> None:
     # Given both secrets, named by ARN
     db_arn = create_secret(rds_secret(database_url))
     key_arn = create_secret({"SUPABASE_SERVICE_ROLE_KEY": SECRET_KEY})
     settings = parse_settings(
-        BASE | {"DATABASE_SECRET_ARN": db_arn, "SUPABASE_SERVICE_ROLE_KEY_SECRET_ARN": key_arn}
+        BASE
+        | {
+            "DATABASE_SECRET_ARN": db_arn,
+            "DATABASE_SSLROOTCERT": rds_ca_file,
+            "SUPABASE_SERVICE_ROLE_KEY_SECRET_ARN": key_arn,
+        }
     )
     assert secret_reads() == 0
     # When each is read three times, and then deleted from Secrets Manager
@@ -353,7 +393,7 @@ def test_a_batch_reaches_the_database_named_by_an_rds_secret(
             " run with DATABASE_URL=postgresql://...@host:port/... to connect through the secret"
         )
     # Given the Lambda configured with the database's secret ARN only (the test server offers no
-    # TLS, so the secret says so; an RDS secret carries no sslmode and gets "require")
+    # TLS, so the secret says so; an RDS secret carries no sslmode and gets "verify-full")
     secret = rds_secret(database_url) | {"sslmode": "disable"}
     monkeypatch.delenv("DATABASE_URL")
     monkeypatch.setenv("DATABASE_SECRET_ARN", create_secret(secret))

@@ -1,11 +1,14 @@
-"""The database connection's TCP socket: Nagle's algorithm off (a statement written in more than
-one segment would otherwise wait ~40 ms for the server's delayed ACK), keep-alive on."""
+"""The database connection's socket on the session's server: Nagle's algorithm off (a
+statement written in more than one segment would otherwise wait ~40 ms for the server's delayed
+ACK), keep-alive on, and no limit of the connect timeout on statements. TLS, authentication and
+retries are specified against servers of their own in tests/connection/."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
 import threading
+from dataclasses import replace
 
 import pytest
 
@@ -49,13 +52,34 @@ def test_a_connection_over_tcp_uses_such_a_socket(database_url: str) -> None:
     assert keepalive != 0
 
 
-@pytest.mark.parametrize("answer", [b"\xff", b"N"], ids=["nonsense", "refuses-tls"])
-@pytest.mark.parametrize("sslmode", ["disable", "prefer", "require"])
+def test_a_statement_longer_than_connect_timeout_completes(database_url: str) -> None:
+    # Given a connection (over TCP or a unix socket) made with a connect timeout of one second
+    settings = replace(connection.parse_database_url(database_url), connect_timeout=1.0)
+    conn = connection.connect(settings)
+    try:
+        # When a statement takes longer than that, Then it completes
+        assert conn.run("SELECT pg_sleep(1.5), 'done'") == [["", "done"]]
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    ("sslmode", "answer"),
+    [
+        ("disable", b"\xff"),
+        ("prefer", b"\xff"),
+        ("require", b"\xff"),
+        ("disable", b"N"),
+        ("prefer", b"N"),
+        # ("require", b"N") is a TLS setting to fix: the next test
+    ],
+)
 def test_a_server_that_is_not_postgresql_is_reported_as_unreachable(
     sslmode: str, answer: bytes
 ) -> None:
     """It answers one byte to whatever it is sent, then hangs up: nonsense, or the "N" with
-    which PostgreSQL refuses TLS (pg8000 then closes the socket itself)."""
+    which PostgreSQL refuses TLS (prefer then goes on without TLS on the same connection; under
+    require, see the next test)."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port = listener.getsockname()[1]
 
@@ -77,4 +101,35 @@ def test_a_server_that_is_not_postgresql_is_reported_as_unreachable(
             connection.DatabaseUnavailableError, match="cannot connect to PostgreSQL"
         ) as e:
             connection.connect(settings)
+    assert "s3cret" not in str(e.value)
+
+
+def test_a_server_refusing_tls_under_require_is_a_configuration_error() -> None:
+    """The "N" with which PostgreSQL refuses TLS, when sslmode=require: libpq's "server does
+    not support SSL, but SSL was required"; nothing is tried without TLS."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        asked: list[bytes] = []
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                asked.append(conn.recv(1024))
+                conn.sendall(b"N")
+                try:
+                    asked.append(conn.recv(1024))  # b"": the client hung up, sent nothing
+                except OSError as exc:
+                    asked.append(repr(exc).encode())
+
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        settings = connection.parse_database_url(
+            f"postgresql://u:s3cret@127.0.0.1:{port}/d?sslmode=require&connect_timeout=5"
+        )
+        with pytest.raises(connection.DatabaseConfigurationError) as e:
+            connection.connect(settings)
+        server.join(timeout=10)
+    assert "the server does not offer TLS, but sslmode=require requires it" in str(e.value)
+    assert e.value.kind == "configuration"
+    assert asked == [bytes.fromhex("0000000804d2162f"), b""]  # SSLRequest, then nothing
     assert "s3cret" not in str(e.value)

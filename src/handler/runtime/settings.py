@@ -19,6 +19,7 @@ from handler.dispatch.routes import Route, parse_routes
 from handler.errors import ConfigurationError
 from handler.queue.connection import (
     ConnectionSettings,
+    check_root_certificate,
     parse_database_url,
     settings_from_rds_secret,
 )
@@ -37,6 +38,9 @@ class Settings:
     # Exactly one of each pair is set; the secrets never appear in repr().
     database: ConnectionSettings | None = field(default=None, repr=False)
     database_secret_arn: str | None = None
+    # DATABASE_SSLROOTCERT: the CA file (or "system") the database's certificate is verified
+    # against, for the secret, and for DATABASE_URL when it names no sslrootcert of its own.
+    database_sslrootcert: str | None = None
     service_role_key: str | None = field(default=None, repr=False)
     service_role_key_secret_arn: str | None = None
     max_jobs_per_tenant: int = 10
@@ -59,6 +63,7 @@ class Settings:
         return settings_from_rds_secret(
             _fetch_secret_json(self.database_secret_arn, "DATABASE_SECRET_ARN"),
             variable="DATABASE_SECRET_ARN",
+            sslrootcert=self.database_sslrootcert,
         )
 
     def service_role_key_value(self) -> str:
@@ -89,6 +94,9 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
         )
     if database_arn is not None:
         _check_arn(database_arn, "DATABASE_SECRET_ARN")
+    root = get("DATABASE_SSLROOTCERT")
+    if root is not None:  # checked even when the URL names its own: a wrong path is a mistake
+        root = check_root_certificate(root, "DATABASE_SSLROOTCERT")
 
     key, key_arn = get("SUPABASE_SERVICE_ROLE_KEY"), get("SUPABASE_SERVICE_ROLE_KEY_SECRET_ARN")
     if key is None and key_arn is None:
@@ -114,8 +122,9 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
     lease = get("JOB_LEASE_SECONDS")
     return Settings(
         functions_base_url=_functions_base_url(get("FUNCTIONS_BASE_URL"), get("SUPABASE_URL")),
-        database=parse_database_url(database_url) if database_url else None,
+        database=parse_database_url(database_url, sslrootcert=root) if database_url else None,
         database_secret_arn=None if database_url else database_arn,
+        database_sslrootcert=root,
         service_role_key=key,
         service_role_key_secret_arn=None if key else key_arn,
         max_jobs_per_tenant=_int(get, "MAX_JOBS_PER_TENANT", 10, low=1, high=100_000),

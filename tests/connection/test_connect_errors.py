@@ -1,0 +1,285 @@
+"""A connection that fails says so in one line of ours (never pg8000's dict, never the
+password), with a `kind` the command line maps to an exit status: "configuration" (the
+password, the user, the database, TLS settings) or "unreachable" (nothing answered, or a server
+not accepting connections yet, which is tried again a few times first)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from handler.errors import (
+    EXIT_STATUS,
+    ConfigurationError,
+    DatabaseConfigurationError,
+    DatabaseUnavailableError,
+)
+from handler.local import cli
+from handler.queue import connection
+
+from .clusters import ADMIN, SECRET_PASSWORD, SECRET_USER, Cluster
+
+
+def failure(
+    settings: connection.ConnectionSettings, sleep: Callable[[float], None] | None = None
+) -> DatabaseConfigurationError | DatabaseUnavailableError:
+    """The error connecting raises; pauses before another attempt go to `sleep`, and none is
+    expected unless it is given."""
+
+    def unexpected(seconds: float) -> None:
+        pytest.fail(f"tried again (after {seconds} s) where no second attempt was expected")
+
+    with pytest.raises((DatabaseConfigurationError, DatabaseUnavailableError)) as caught:
+        connection.connect(settings, sleep=sleep or unexpected)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "{" not in message  # never pg8000's dict
+    if settings.password:
+        assert settings.password not in message
+        assert settings.password not in repr(caught.value)
+    return caught.value
+
+
+def parse(url: str) -> connection.ConnectionSettings:
+    return connection.parse_database_url(url)
+
+
+@pytest.fixture(params=["tls", "plain"])
+def server(request: pytest.FixtureRequest) -> Cluster:
+    """Each server in turn: over TLS (require) and without."""
+    cluster: Cluster = request.getfixturevalue(f"{request.param}_server")
+    return cluster
+
+
+def mode(server: Cluster) -> str:
+    return "require" if server.tls else "disable"
+
+
+# --- the server answers and refuses ----------------------------------------------------------
+
+
+def test_the_right_password_connects(server: Cluster) -> None:
+    url = server.url(SECRET_USER, password=SECRET_PASSWORD, sslmode=mode(server))
+
+    conn = connection.connect(parse(url))
+    try:
+        assert conn.run("SELECT current_user") == [[SECRET_USER]]
+    finally:
+        conn.close()
+
+
+def test_a_wrong_password_is_a_configuration_error(server: Cluster) -> None:
+    settings = parse(server.url(SECRET_USER, password="wrong-Pa55word", sslmode=mode(server)))
+
+    error = failure(settings)
+
+    assert isinstance(error, DatabaseConfigurationError)
+    assert isinstance(error, ConfigurationError)
+    assert EXIT_STATUS[error.kind] == 2
+    assert (error.kind, error.sqlstate, error.variable) == (
+        "configuration",
+        "28P01",
+        "DATABASE_URL",
+    )
+    assert str(error) == (
+        f"cannot connect to PostgreSQL at {SECRET_USER}@127.0.0.1:{server.port}/postgres: "
+        f'password authentication failed for user "{SECRET_USER}"; check the password in '
+        "DATABASE_URL"
+    )
+
+
+def test_no_password_where_one_is_needed_says_none_was_given(tls_server: Cluster) -> None:
+    error = failure(parse(tls_server.url(SECRET_USER, sslmode="require")))
+
+    assert (error.kind, error.sqlstate) == ("configuration", "28P01")
+    assert "check the password (none was given) in DATABASE_URL" in str(error)
+
+
+def test_a_role_that_does_not_exist_is_a_configuration_error(server: Cluster) -> None:
+    error = failure(parse(server.url("nobody_here", sslmode=mode(server))))
+
+    assert (error.kind, error.sqlstate) == ("configuration", "28000")
+    assert 'role "nobody_here" does not exist' in str(error)
+    assert "check the user name in DATABASE_URL" in str(error)
+
+
+def test_no_pg_hba_entry_is_a_configuration_error(tls_server: Cluster) -> None:
+    error = failure(parse(tls_server.url(sslmode="disable")))
+
+    assert (error.kind, error.sqlstate) == ("configuration", "28000")
+    assert "no pg_hba.conf entry" in str(error)
+    assert "pg_hba.conf admits this user, database and address with sslmode=disable" in str(error)
+
+
+def test_a_database_that_does_not_exist_is_a_configuration_error(server: Cluster) -> None:
+    error = failure(parse(server.url(database="no_such_db", sslmode=mode(server))))
+
+    assert (error.kind, error.sqlstate) == ("configuration", "3D000")
+    assert 'database "no_such_db" does not exist' in str(error)
+    assert "check the database name in DATABASE_URL, or create it" in str(error)
+
+
+@pytest.mark.parametrize("sslmode", ["allow", "prefer"])
+def test_when_both_ways_fail_the_telling_error_is_reported(
+    tls_server: Cluster, sslmode: str
+) -> None:
+    # Given a wrong password to a server that refuses plain: one attempt gets "password
+    # authentication failed", the other "no pg_hba.conf entry" (allow: plain first; prefer: last)
+    settings = parse(tls_server.url(SECRET_USER, password="wrong-Pa55word", sslmode=sslmode))
+
+    error = failure(settings)
+
+    assert error.sqlstate == "28P01"
+    assert "check the password" in str(error)
+
+
+def test_an_error_from_the_secret_path_names_the_secret(tls_server: Cluster) -> None:
+    settings = replace(
+        parse(tls_server.url(SECRET_USER, password="wrong-Pa55word", sslmode="require")),
+        source="DATABASE_SECRET_ARN",
+    )
+
+    error = failure(settings)
+
+    assert isinstance(error, DatabaseConfigurationError)
+    assert error.variable == "DATABASE_SECRET_ARN"
+    assert str(error).endswith("check the password in the DATABASE_SECRET_ARN secret")
+
+
+# --- a server not accepting connections yet (57P03): tried again, a few times ----------------
+
+
+def test_a_server_not_accepting_connections_is_tried_again_then_reported(
+    standby_server: Cluster,
+) -> None:
+    pauses: list[float] = []
+
+    error = failure(parse(standby_server.url(ADMIN, sslmode="disable")), sleep=pauses.append)
+
+    assert isinstance(error, DatabaseUnavailableError)
+    assert (error.kind, error.sqlstate) == ("unreachable", "57P03")
+    assert "the database system is not accepting connections" in str(error)
+    assert "(tried 5 times over" in str(error)
+    assert pauses == list(connection.RETRY_DELAYS_S)
+    assert sum(pauses) <= 3.0  # the bound docs/database-tls.md states
+
+
+def test_a_server_that_starts_accepting_while_retried_is_connected_to(
+    standby_server: Cluster,
+) -> None:
+    # Given a standby that is promoted during the first pause (the pause is where it happens)
+    pauses: list[float] = []
+
+    def promote_during_pause(seconds: float) -> None:
+        pauses.append(seconds)
+        if len(pauses) == 1:
+            standby_server.promote()
+
+    # When connecting
+    conn = connection.connect(
+        parse(standby_server.url(ADMIN, sslmode="disable")), sleep=promote_during_pause
+    )
+    # Then the second attempt got in
+    try:
+        assert conn.run("SELECT pg_is_in_recovery()") == [[False]]
+    finally:
+        conn.close()
+    assert pauses == [connection.RETRY_DELAYS_S[0]]
+
+
+# --- nothing answers --------------------------------------------------------------------------
+
+
+def test_a_refused_port_is_tried_again_then_reported_as_unreachable() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+    pauses: list[float] = []  # (nothing listens on the port once the listener is closed)
+
+    error = failure(parse(f"postgresql://u:s3cret@127.0.0.1:{port}/d"), sleep=pauses.append)
+
+    assert isinstance(error, DatabaseUnavailableError)
+    assert error.kind == "unreachable"
+    assert "connection refused" in str(error)
+    assert pauses == list(connection.RETRY_DELAYS_S)
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """Accepts connections and never says a word."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        held: list[socket.socket] = []
+        stop = threading.Event()
+
+        def accept() -> None:
+            listener.settimeout(0.1)
+            while not stop.is_set():
+                try:
+                    held.append(listener.accept()[0])
+                except TimeoutError:
+                    continue
+
+        thread = threading.Thread(target=accept, daemon=True)
+        thread.start()
+        yield listener.getsockname()[1]
+        stop.set()
+        thread.join()
+        for sock in held:
+            sock.close()
+
+
+@pytest.mark.parametrize("sslmode", ["disable", "require"])
+def test_a_server_that_never_answers_times_out_as_unreachable(
+    silent_server: int, sslmode: str
+) -> None:
+    settings = replace(
+        parse(f"postgresql://u:s3cret@127.0.0.1:{silent_server}/d?sslmode={sslmode}"),
+        connect_timeout=0.5,
+    )
+    error = failure(settings)  # and not tried again: it waited long enough already
+
+    assert error.kind == "unreachable"
+    assert "no answer within connect_timeout=0.5 s" in str(error)
+
+
+def test_a_missing_unix_socket_is_unreachable(tmp_path: Path) -> None:
+    pauses: list[float] = []
+
+    error = failure(parse(f"postgresql://u@/d?host={tmp_path}"), sleep=pauses.append)
+
+    assert error.kind == "unreachable"
+    assert "connection refused" in str(error)
+
+
+# --- the command line maps the kind to its exit status -------------------------------------
+
+
+def test_the_command_line_exits_2_for_a_wrong_password(
+    tls_server: Cluster, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(
+        "DATABASE_URL", tls_server.url(SECRET_USER, password="wrong-Pa55word", sslmode="require")
+    )
+
+    assert cli.main(["stats"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "password authentication failed" in err
+    assert "wrong-Pa55word" not in err
+
+
+def test_the_command_line_exits_3_when_nothing_answers(
+    silent_server: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(
+        "DATABASE_URL", f"postgresql://u:s3cret@127.0.0.1:{silent_server}/d?connect_timeout=2"
+    )
+
+    assert cli.main(["stats"]) == 3
+    err = capsys.readouterr().err
+    assert "no answer within connect_timeout=2 s" in err
+    assert "s3cret" not in err

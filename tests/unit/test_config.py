@@ -187,6 +187,45 @@ def test_supabase_url_that_is_not_http_is_named(url: str) -> None:
     assert "must be an http(s) URL" in str(error)
 
 
+@pytest.mark.parametrize(
+    ("variable", "url"),
+    [
+        ("FUNCTIONS_BASE_URL", f"https://svc:{PASSWORD}@fn.example.com/v1"),
+        ("FUNCTIONS_BASE_URL", f"https://{PASSWORD}@fn.example.com"),
+        ("SUPABASE_URL", f"https://svc:{PASSWORD}@xyz.supabase.co"),
+        # A '/' in the password ends the host part early: the rest still holds an '@'.
+        ("FUNCTIONS_BASE_URL", f"https://svc:12/{PASSWORD}@fn.example.com"),
+    ],
+)
+def test_a_functions_url_with_credentials_is_refused_without_showing_them(
+    variable: str, url: str
+) -> None:
+    other = "SUPABASE_URL" if variable == "FUNCTIONS_BASE_URL" else "FUNCTIONS_BASE_URL"
+    error = config_error(**{variable: url, other: None})
+
+    assert error.variable == variable
+    assert "must not carry a user name or password" in str(error)
+    assert "Authorization header" in str(error)
+    assert "svc" not in str(error)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"ftp://{PASSWORD}.example.com",
+        f"https://fn.example.com:{PASSWORD}/v1",
+        f"{PASSWORD}",  # the key pasted into the wrong variable
+        f"https://[{PASSWORD}/v1",
+    ],
+)
+def test_a_malformed_functions_base_url_is_not_quoted(url: str) -> None:
+    error = config_error(FUNCTIONS_BASE_URL=url)
+
+    assert error.variable == "FUNCTIONS_BASE_URL"
+    assert "must be an http(s) URL" in str(error)
+    assert "example.com" not in str(error)
+
+
 def test_functions_base_url_with_a_query_is_named() -> None:
     error = config_error(FUNCTIONS_BASE_URL="https://fn.example.com/v1?x=1")
 

@@ -166,10 +166,24 @@ def _functions_base_url(base: str | None, supabase: str | None) -> str:
         raise ConfigurationError(
             "SUPABASE_URL", "is not set (nor FUNCTIONS_BASE_URL): where do jobs go?"
         )
-    parts = urlsplit(url)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
+    # The value is never quoted back: a key pasted into the wrong variable, or a URL with
+    # credentials in it, would otherwise end up in the logs.
+    if "@" in url:  # in the host part, or past a '/' in a password that cut it short
         raise ConfigurationError(
-            variable, f"must be an http(s) URL such as https://xyz.supabase.co, not {url!r}"
+            variable,
+            "must not carry a user name or password (user:password@host): the service role "
+            "key travels in the Authorization header, from SUPABASE_SERVICE_ROLE_KEY",
+        )
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ConfigurationError(
+            variable,
+            "must be an http(s) URL such as https://xyz.supabase.co (the value is not shown: "
+            "check that it is the project's URL and nothing else)",
         )
     if parts.query or parts.fragment:
         raise ConfigurationError(variable, "must not carry a query string or fragment")

@@ -674,6 +674,94 @@ class QueueStore:
         value: datetime = self._run("SELECT now()", idempotent=True)[0][0]
         return value
 
+    # Flow control: routes, functions, tenants, lingering, explain --------------------------
+
+    def record_routes(self, routes: dict[str, dict[str, Any]]) -> None:
+        """The worker's routes, for the functions' rate limits and for explain_job:
+        {job_type: {"function", "rate", "burst", "max_concurrency"}}."""
+        self._run(
+            "SELECT queue_worker.record_routes(CAST(:routes AS jsonb))",
+            idempotent=True,
+            routes=json.dumps(routes),
+        )
+
+    def function_states(self) -> dict[str, float]:
+        """The adaptive limits of calls in flight the last invocations left, by function."""
+        rows = self._run(
+            "SELECT function, concurrency_limit FROM queue_worker.function_states()",
+            idempotent=True,
+        )
+        return {str(row[0]): float(row[1]) for row in rows}
+
+    def record_function_states(self, states: Sequence[dict[str, Any]]) -> None:
+        """[{"function", "concurrency_limit", "circuit_status", "circuit_error"}]."""
+        if not states:
+            return
+        self._run(
+            "SELECT queue_worker.record_function_states(CAST(:states AS jsonb))",
+            idempotent=True,
+            states=json.dumps(list(states)),
+        )
+
+    def set_tenant_limits(
+        self,
+        tenant_id: UUID | None,
+        *,
+        weight: float = 1.0,
+        rate: float | None = None,
+        burst: float | None = None,
+    ) -> None:
+        """A tenant's weight and rate (jobs/s); tenant None: the default of every tenant."""
+        self._run(
+            "SELECT queue_worker.set_tenant_limits(CAST(:tenant AS uuid), CAST(:weight AS float8),"
+            " CAST(:rate AS float8), CAST(:burst AS float8))",
+            idempotent=True,
+            tenant=str(tenant_id) if tenant_id else None,
+            weight=weight,
+            rate=rate,
+            burst=burst,
+        )
+
+    def clear_tenant_limits(self, tenant_id: UUID | None) -> bool:
+        rows = self._run(
+            "SELECT queue_worker.clear_tenant_limits(CAST(:tenant AS uuid))",
+            idempotent=True,
+            tenant=str(tenant_id) if tenant_id else None,
+        )
+        return bool(rows[0][0])
+
+    def take_linger(self, worker_id: str, seconds: float) -> None:
+        """This worker lingers from now (taking it over from any other)."""
+        self._run(
+            "SELECT queue_worker.queue_linger_take(:worker, CAST(:seconds AS float8))",
+            idempotent=True,
+            worker=worker_id,
+            seconds=seconds,
+        )
+
+    def linger_poll(self, worker_id: str) -> tuple[bool, float | None]:
+        """(whether this worker still lingers, seconds until the next job is due or None)."""
+        row = self._run(
+            "SELECT lingering, next_due_in FROM queue_worker.queue_linger_poll(:worker)",
+            idempotent=True,
+            worker=worker_id,
+        )[0]
+        return bool(row[0]), float(row[1]) if row[1] is not None else None
+
+    def release_linger(self, worker_id: str) -> None:
+        self._run(
+            "SELECT queue_worker.queue_linger_release(:worker)", idempotent=True, worker=worker_id
+        )
+
+    def explain(self, job_id: UUID) -> tuple[str, str, dict[str, Any]]:
+        """(reason, message, detail) of what holds the job back."""
+        row = self._run(
+            "SELECT reason, message, detail FROM queue_worker.explain_job(CAST(:id AS uuid))",
+            idempotent=True,
+            id=str(job_id),
+        )[0]
+        return str(row[0]), str(row[1]), dict(row[2] or {})
+
     # Idempotency records (the PostgreSQL store of the dispatch guard) -----------------------
 
     def idempotency_get(self, key: str) -> list[Any] | None:

@@ -7,15 +7,16 @@ an error whose report carries no traceback through the libraries.
 
 from __future__ import annotations
 
-from typing import Any
-
-from aws_lambda_powertools.utilities.typing import LambdaContext
+from typing import TYPE_CHECKING, Any
 
 from handler.errors import UserError
-from handler.operate.observability import logger, metrics, tracer
+from handler.operate.observability import logger, metrics, trace_lambda_handler
 from handler.runtime.events import parse_event
 from handler.runtime.settings import load_settings
 from handler.runtime.worker import Worker, report
+
+if TYPE_CHECKING:
+    from aws_lambda_powertools.utilities.typing import LambdaContext
 
 _worker: Worker | None = None  # one per container: clients and connections are reused
 
@@ -37,7 +38,7 @@ def lambda_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
 
 
 @logger.inject_lambda_context(log_event=False, clear_state=True)
-@tracer.capture_lambda_handler(capture_response=False)
+@trace_lambda_handler  # X-Ray only when tracing is on
 @metrics.log_metrics
 def handle_invocation(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     invocation = parse_event(event)  # a bad event fails here, before any job is touched

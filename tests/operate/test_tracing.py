@@ -3,8 +3,9 @@
 Deliveries run in dispatch threads (Powertools idempotency wraps synchronous functions only), and
 the X-Ray SDK keeps its current entity per thread: a subsegment begun in a fresh thread has no
 parent unless the batch hands it one. These specifications turn tracing on for one test at a
-time (the suite runs with POWERTOOLS_TRACE_DISABLED), record what the X-Ray SDK would send to the
-daemon instead of sending it, and look at the parent of every dispatch subsegment.
+time (the suite runs with POWERTOOLS_TRACE_DISABLED, outside Lambda), record what the X-Ray SDK
+would send to the daemon instead of sending it, and look at the parent of every dispatch
+subsegment. tests/unit/test_observability.py holds when tracing is on.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from handler import app
 from handler.dispatch.guard import DeliveryGuard
 from handler.dispatch.routes import DEFAULT_ROUTES
 from handler.local.standin import StandIn
-from handler.operate.observability import tracer
+from handler.operate import observability
 from handler.queue.store import QueueStore
 from handler.runtime.events import parse_event
 from handler.runtime.worker import Worker
@@ -32,6 +33,7 @@ from handler.runtime.worker import Worker
 from .conftest import FakeLambdaContext
 
 # The X-Ray recorder Powertools traces with (typed as Powertools' BaseProvider, which it extends).
+tracer = observability.get_tracer()
 recorder: Any = tracer.provider
 TRACE_ROOT = "1-6650a1b2-0123456789abcdef01234567"
 LAMBDA_PARENT = "53995c3f42cd8ad8"  # the id of the segment the Lambda service opened
@@ -87,6 +89,8 @@ def xray(monkeypatch: pytest.MonkeyPatch) -> Iterator[RecordingEmitter]:
     monkeypatch.delenv("AWS_XRAY_SDK_ENABLED", raising=False)
     monkeypatch.delenv("AWS_XRAY_CONTEXT_MISSING", raising=False)
     emitter = RecordingEmitter()
+    # As in Lambda with tracing on (the suite's environment turns it off).
+    monkeypatch.setattr(observability, "tracing_enabled", lambda: True)
     monkeypatch.setattr(tracer, "disabled", False)
     monkeypatch.setattr(recorder, "context", Context())
     monkeypatch.setattr(recorder, "emitter", emitter)

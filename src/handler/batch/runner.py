@@ -21,7 +21,7 @@ from handler.batch.budget import TimeBudget
 from handler.batch.settlement import SETTLE_INTERVAL_SECONDS, Settler
 from handler.dispatch.guard import DeliveryGuard, DeliveryReport
 from handler.dispatch.routes import Route
-from handler.operate.observability import logger, tracer
+from handler.operate.observability import active_tracer, logger
 from handler.queue.store import ClaimedJob, QueueStore, Settlement
 
 
@@ -277,7 +277,8 @@ class _Batch:
 
 def _trace_parent() -> Any:
     """The trace entity each dispatch's subsegment nests under; None when there is none."""
-    if tracer.disabled:
+    tracer = active_tracer()
+    if tracer is None:
         return None
     try:
         return tracer.provider.get_trace_entity()  # type: ignore[attr-defined]

@@ -14,20 +14,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
-
-from aws_lambda_powertools.utilities.idempotency import IdempotencyConfig, idempotent_function
-from aws_lambda_powertools.utilities.idempotency.exceptions import (
-    IdempotencyAlreadyInProgressError,
-    IdempotencyItemNotFoundError,
-    IdempotencyPersistenceLayerError,
-)
-from aws_lambda_powertools.utilities.idempotency.persistence.base import BasePersistenceLayer
+from typing import TYPE_CHECKING, Any, Literal
 
 from handler.dispatch.client import Delivery, Dispatcher
 from handler.dispatch.routes import Route
-from handler.operate.observability import logger, tracer
+from handler.operate.observability import get_tracer, logger
 from handler.queue.store import ClaimedJob
+
+if TYPE_CHECKING:
+    # Powertools' idempotency is imported only when a store is configured (IDEMPOTENCY_STORE not
+    # off): its package imports boto3 and the DynamoDB store whichever store is used.
+    from aws_lambda_powertools.utilities.idempotency import IdempotencyConfig
+    from aws_lambda_powertools.utilities.idempotency.persistence.base import BasePersistenceLayer
 
 # Records of a successful dispatch outlive any retry schedule of the job they guard.
 IDEMPOTENCY_KEY_PREFIX = "queue-worker.dispatch"
@@ -80,6 +78,11 @@ class DeliveryGuard:
         self._store = persistence_store
         self._guarded: Callable[..., dict[str, Any]] | None = None
         if persistence_store is not None:
+            from aws_lambda_powertools.utilities.idempotency import (
+                IdempotencyConfig,
+                idempotent_function,
+            )
+
             # Powertools configures a store on its first call, marking it configured before it
             # has compiled the key's expression: dispatch threads racing through that call saw a
             # half-configured store. Configured here, once, before any thread uses it.
@@ -103,10 +106,12 @@ class DeliveryGuard:
             # no parent (the SDK hands back None) or hang on the entity this pool thread held
             # last: a finished trace, which refuses it. Neither may cost the delivery.
             return self._deliver(call)
+        # Tracing is on (a parent was found), so the tracer exists already.
+        provider: Any = get_tracer().provider
         # A new thread has no trace context; without this the subsegment loses its parent.
-        tracer.provider.set_trace_entity(parent)  # type: ignore[attr-defined]
+        provider.set_trace_entity(parent)
         try:
-            with tracer.provider.in_subsegment(name=f"## dispatch {route.function}") as subsegment:
+            with provider.in_subsegment(name=f"## dispatch {route.function}") as subsegment:
                 subsegment.put_annotation("function", route.function)
                 subsegment.put_annotation("job_type", call_job.job_type)
                 subsegment.put_annotation("attempt", str(call_job.attempt))
@@ -117,15 +122,26 @@ class DeliveryGuard:
                 return report
         finally:
             # The pool thread outlives this invocation: let go of its trace.
-            tracer.provider.clear_trace_entities()  # type: ignore[attr-defined]
+            provider.clear_trace_entities()
 
     def _deliver(self, call: _Call) -> DeliveryReport:
         if self._guarded is None:
             self._send(job=_idempotency_data(call.job), call=call)
             assert call.delivery is not None
             return DeliveryReport("sent", call.delivery)
+        return self._deliver_guarded(self._guarded, call)
+
+    def _deliver_guarded(
+        self, guarded: Callable[..., dict[str, Any]], call: _Call
+    ) -> DeliveryReport:
+        # Loaded already (the guard made `guarded` with it): a lookup, not an import.
+        from aws_lambda_powertools.utilities.idempotency.exceptions import (
+            IdempotencyAlreadyInProgressError,
+            IdempotencyPersistenceLayerError,
+        )
+
         try:
-            self._guarded(job=_idempotency_data(call.job), call=call)
+            guarded(job=_idempotency_data(call.job), call=call)
         except DispatchFailedError as failed:
             return DeliveryReport("sent", failed.delivery)
         except IdempotencyAlreadyInProgressError:
@@ -157,6 +173,11 @@ class DeliveryGuard:
 
     def _in_progress_until(self, job: ClaimedJob) -> datetime:
         """When the other dispatch's in-progress record expires (its invocation's deadline)."""
+        from aws_lambda_powertools.utilities.idempotency.exceptions import (
+            IdempotencyItemNotFoundError,
+            IdempotencyPersistenceLayerError,
+        )
+
         fallback = datetime.now(UTC) + timedelta(minutes=1)
         if self._store is None:
             return fallback

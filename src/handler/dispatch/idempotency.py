@@ -34,7 +34,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
-import boto3
 import pg8000.native
 from aws_lambda_powertools.utilities.idempotency import DynamoDBPersistenceLayer, IdempotencyConfig
 from aws_lambda_powertools.utilities.idempotency.exceptions import (
@@ -229,6 +228,8 @@ def _to_record(row: list[Any], *, key: str | None = None) -> DataRecord:
 def _dynamodb_client() -> DynamoDBClient:
     """One client per container (creating one is slow, and not thread-safe on the default
     session). Region, credentials and endpoint come from the usual AWS environment variables."""
+    import boto3
+
     return boto3.session.Session().client("dynamodb")
 
 

@@ -14,13 +14,11 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from aws_lambda_powertools.metrics import MetricUnit
-from aws_lambda_powertools.utilities.idempotency.persistence.base import BasePersistenceLayer
 
 from handler.batch.budget import TimeBudget
 from handler.batch.runner import BatchLimits, BatchRunner, Summary
 from handler.dispatch.client import Dispatcher
 from handler.dispatch.guard import DeliveryGuard
-from handler.dispatch.idempotency import build_persistence_layer, idempotency_config
 from handler.operate import fanout
 from handler.operate.fanout import FanOutPlan
 from handler.operate.maintenance import PruneReport, prune
@@ -32,6 +30,8 @@ from handler.runtime.events import Invocation
 from handler.runtime.settings import Settings
 
 if TYPE_CHECKING:
+    from aws_lambda_powertools.utilities.idempotency import IdempotencyConfig
+    from aws_lambda_powertools.utilities.idempotency.persistence.base import BasePersistenceLayer
     from mypy_boto3_lambda import LambdaClient
 
 MAINTENANCE_SECONDS = 2.0
@@ -67,7 +67,12 @@ class Worker:
         self._runner: BatchRunner | None = None
         self._idempotency_store: BasePersistenceLayer | None = None
         self._lambda: LambdaClient | None = None
-        self._idempotency = idempotency_config() if settings.idempotency_store != "off" else None
+        self._idempotency: IdempotencyConfig | None = None
+        if settings.idempotency_store != "off":
+            # Only then: Powertools' idempotency package imports boto3 whichever store is used.
+            from handler.dispatch.idempotency import idempotency_config
+
+            self._idempotency = idempotency_config()
 
     def run(
         self,
@@ -205,6 +210,8 @@ class Worker:
             self._dispatcher.set_service_role_key(key)
         if self._runner is None:
             if self.settings.idempotency_store != "off":
+                from handler.dispatch.idempotency import build_persistence_layer
+
                 self._idempotency_store = build_persistence_layer(
                     self.settings.idempotency_store,
                     table=self.settings.idempotency_table,

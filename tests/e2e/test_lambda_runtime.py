@@ -62,8 +62,6 @@ AWSLAMBDARIC = "awslambdaric==4.2.2"
 INVOKE_TIMEOUT = 60.0
 FUNCTION_ARN = "arn:aws:lambda:us-east-1:123456789012:function:queue-worker-test-worker"
 
-pytestmark = pytest.mark.slow
-
 
 def event_files() -> list[Path]:
     # env.json is the environment file for `sam local invoke --env-vars`, not an event.

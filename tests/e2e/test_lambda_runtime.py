@@ -13,9 +13,10 @@ documents to a UDP socket of the test, and the PostgreSQL idempotency store), wi
 botocore beside the package as the runtime provides them; and tracing and idempotency off with no
 AWS SDK at all, which proves that such an invocation imports none of it.
 
-The package is built for this machine's platform (PLATFORM=manylinux2014_<machine>): the one
-compiled wheel (wrapt) of the arm64 package would not load on an x86_64 machine. Everything
-else is what `sam build` ships. Without Python 3.13 (python3.13 on PATH, or LAMBDA_PYTHON) the
+The package is built for this machine's platform (PLATFORM=manylinux2014_<machine>): the arm64
+package's one compiled extension, wrapt's, cannot load on an x86_64 machine (wrapt would quietly
+fall back to its pure-Python code, which Lambda does not run). Everything else is what
+`sam build` ships. Without Python 3.13 (python3.13 on PATH, or LAMBDA_PYTHON) the
 tests are skipped; .ci/run finds one.
 """
 

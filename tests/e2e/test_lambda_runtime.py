@@ -712,24 +712,27 @@ def test_every_sample_event_runs_a_batch_in_the_lambda_runtime(
 def assert_one_dispatch_subsegment_per_job(
     xray: XRayDaemon, invocation: Invocation, jobs: int
 ) -> None:
-    root = invocation.trace_id.split(";")[0].removeprefix("Root=")
+    """In the invocation's trace: the handler's subsegment (Powertools' `## <handler>`), a child
+    of the segment Lambda opened (the Parent of the trace header), and under it one closed
+    subsegment per dispatch."""
+    root, parent = (part.split("=", 1)[1] for part in invocation.trace_id.split(";")[:2])
 
-    def ours(documents: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [d for d in documents if d.get("trace_id") == root]
+    def handler_and_dispatches(
+        documents: list[dict[str, Any]],
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        ours = [d for d in documents if d.get("trace_id") == root]
+        handlers = [d for d in ours if d.get("parent_id") == parent]
+        dispatches = [d for d in ours if d["name"].startswith("## dispatch ")]
+        return handlers, dispatches
 
     def complete(documents: list[dict[str, Any]]) -> bool:
-        names = [d["name"] for d in ours(documents)]
-        return (
-            "## lambda_handler" in names
-            and len([n for n in names if n.startswith("## dispatch ")]) >= jobs
-        )
+        handlers, dispatches = handler_and_dispatches(documents)
+        return bool(handlers) and len(dispatches) >= jobs
 
-    documents = ours(xray.wait_for(complete))
-    [handler] = [d for d in documents if d["name"] == "## lambda_handler"]
-    dispatches = [d for d in documents if d["name"].startswith("## dispatch ")]
+    [handler], dispatches = handler_and_dispatches(xray.wait_for(complete))
+    assert handler["name"].startswith("## ")
     assert len(dispatches) == jobs
-    assert all(d["parent_id"] == handler["id"] for d in dispatches)
-    assert handler["parent_id"] == invocation.trace_id.split(";")[1].removeprefix("Parent=")
+    assert all(d["parent_id"] == handler["id"] and "end_time" in d for d in dispatches)
 
 
 def test_a_bad_event_comes_back_as_an_error_document_and_the_runtime_goes_on(

@@ -329,6 +329,8 @@ def memory_runs(admin_url: str, repetitions: int) -> list[dict[str, Any]]:
                 for store in ("off", "postgres"):
                     for trace in (False, True):
                         conn = benchlib.connect(url)
+                        # The queue's own schema once migrations move it there, else public.
+                        conn.run("SET search_path TO queue_worker, public")
                         conn.run("TRUNCATE queue_jobs, queue_idempotency")
                         conn.run(
                             benchlib.INSERT_JOBS_SQL,

@@ -167,7 +167,8 @@ def test_with_less_time_left_than_a_call_needs_nothing_is_sent(
 
     summary, _ = run_batch(remaining=4)  # 3 s margin: less than the 1 s a call needs is left
 
-    assert (summary.claimed, summary.released) == (8, 8)
+    # (nothing is claimed either: a lease taken only to be released is churn)
+    assert (summary.claimed, summary.released) == (0, 0)
     assert account(conn, jobs) == {"pending": 8}
     assert sent(standin) == {}
     assert conn.run(

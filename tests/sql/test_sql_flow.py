@@ -10,6 +10,7 @@ import json
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -316,12 +317,14 @@ def test_a_tenant_that_becomes_due_is_notified_on_queue_worker_due(
 
 def test_one_invocation_lingers_at_a_time_the_newest(queue: Queue) -> None:
     store = queue.store
-    store.take_linger("first", 60)
+    t0 = queue.now()
+    assert store.take_linger("first", t0, 60)
     assert store.linger_poll("first")[0] is True
-    store.take_linger("second", 60)  # the next tick takes over
+    assert store.take_linger("second", t0 + timedelta(minutes=1), 60)  # the next tick takes over
     assert store.linger_poll("first")[0] is False
     assert store.linger_poll("second")[0] is True
-    store.release_linger("first")  # too late: no effect on the second
+    assert not store.take_linger("first", t0, 60)  # the older one never takes it back
+    store.release_linger("first")  # nor lets go of what it no longer holds
     assert store.linger_poll("second")[0] is True
     store.release_linger("second")
     assert store.linger_poll("second")[0] is False
@@ -329,7 +332,7 @@ def test_one_invocation_lingers_at_a_time_the_newest(queue: Queue) -> None:
 
 def test_the_linger_poll_says_when_the_next_job_is_due(queue: Queue) -> None:
     store = queue.store
-    store.take_linger("w", 60)
+    store.take_linger("w", queue.now(), 60)
     assert store.linger_poll("w")[1] is None
     queue.enqueue(uuid.uuid4(), scheduled_at=queue.now().replace(year=2100))
     _, due_in = store.linger_poll("w")

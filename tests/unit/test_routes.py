@@ -191,3 +191,28 @@ def test_any_plain_segment_is_accepted_as_given(name: str, limit: int | None) ->
     routes = parse_routes(json.dumps({"x": {"function": name, "max_concurrency": limit}}))
 
     assert routes["x"] == Route(name, limit)
+
+
+@pytest.mark.parametrize(
+    ("rate", "per_second"),
+    [("20/s", 20.0), ("600/min", 10.0), ("1800/h", 0.5), (5, 5.0), (2.5, 2.5), ("3 / second", 3.0)],
+)
+def test_a_route_may_carry_a_rate_in_calls_per_second_minute_or_hour(
+    rate: object, per_second: float
+) -> None:
+    routes = parse_routes(json.dumps({"ingest_slack": {"function": "ingest-slack", "rate": rate}}))
+    assert routes["ingest_slack"] == Route("ingest-slack", rate_per_second=per_second)
+
+
+def test_a_routes_burst_needs_its_rate() -> None:
+    route = parse_routes('{"a": {"function": "f", "rate": "10/s", "burst": 3}}')["a"]
+    assert (route.rate_per_second, route.burst) == (10.0, 3.0)
+    assert route.as_json() == {"function": "f", "rate": 10.0, "burst": 3.0, "max_concurrency": None}
+    with pytest.raises(ConfigurationError, match=r"JOB_ROUTES\['a'\].burst needs a rate"):
+        parse_routes('{"a": {"function": "f", "burst": 3}}')
+
+
+@pytest.mark.parametrize("rate", ["fast", "10/day", "0/s", "-1", True, [10], "1e9"])
+def test_a_bad_rate_names_the_route(rate: object) -> None:
+    with pytest.raises(ConfigurationError, match=r"JOB_ROUTES\['a'\].rate"):
+        parse_routes(json.dumps({"a": {"function": "f", "rate": rate}}))

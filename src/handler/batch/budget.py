@@ -46,9 +46,11 @@ class TimeBudget:
         return min(http_timeout, available)
 
     def lease_seconds(self, configured: int | None) -> int:
+        """The lease of a claim made now: JOB_LEASE_SECONDS, or what is left of the invocation
+        plus a margin (a claim never outlives its invocation by much)."""
         if configured is not None:
             return configured
-        return math.ceil(self.remaining_at_start) + LEASE_MARGIN_SECONDS
+        return math.ceil(max(self.remaining(), 0.0)) + LEASE_MARGIN_SECONDS
 
     def elapsed_ms(self) -> int:
         return int((time.monotonic() - self.started) * 1000)

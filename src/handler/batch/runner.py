@@ -1,45 +1,81 @@
-"""One bounded batch: claim, dispatch concurrently within the time budget, settle, summarise.
+"""One invocation's work: claim, dispatch concurrently within the time budget, settle.
 
-Plain Python, no Lambda in here. The claimed jobs go into one queue that MAX_CONCURRENCY
-dispatch threads ("lanes") drain; each delivery goes through `DeliveryGuard`; outcomes through
-`Settler`, which the batch's own thread flushes while the lanes work. Only that thread talks to
-the queue's database, so one connection serves the whole batch.
+Plain Python, no Lambda in here. The invocation's claimed jobs go into one queue that
+MAX_CONCURRENCY dispatch threads ("lanes") drain; each call goes through `DeliveryGuard`, under
+its function's adaptive limit of calls in flight (dispatch/concurrency.py); outcomes go into the
+`SettlementBuffer`, which the invocation's own thread flushes. Only that thread talks to the
+queue's database, so one connection serves the whole invocation.
+
+Two modes (docs/architecture.md):
+- batch (the default): one claim, its jobs dispatched, settled every few seconds and at the end:
+  one claim and one settle statement for a batch that ends within SETTLE_INTERVAL_SECONDS.
+- rounds: as lanes free up the thread claims the next round (each round keyed by the worker and
+  its number, each within MAX_JOBS_PER_TENANT and the fair shares), settles every
+  ROUND_SETTLE_SECONDS so that a released dependent is claimed in the same invocation, until the
+  time budget or MAX_JOBS_PER_INVOCATION; when nothing is due, a scheduled invocation lingers for
+  new work (batch/linger.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import threading
+import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Mapping
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 from handler.batch.budget import TimeBudget
-from handler.batch.settlement import SETTLE_INTERVAL_SECONDS, Settler
+from handler.batch.linger import Linger
+from handler.batch.settlement import SettlementBuffer
+from handler.dispatch.concurrency import FunctionLimits
 from handler.dispatch.guard import DeliveryGuard, DeliveryReport
 from handler.dispatch.routes import Route
 from handler.operate.observability import active_tracer, logger
 from handler.queue.store import ClaimedJob, QueueStore, Settlement
 
+# A single batch settles this often while it runs (and at its end).
+SETTLE_INTERVAL_SECONDS = 5.0
+# Rounds settle this often: soon enough for a chain's next link, few enough statements.
+ROUND_SETTLE_SECONDS = 0.05
+# Rounds claim again once this share of the lanes is free (or all are).
+ROUND_CLAIM_SHARE = 0.25
+# After a claim that found nothing while calls are in flight, the next one waits for a settle
+# that completed something (it may have released a dependent), or this long.
+EMPTY_CLAIM_RETRY_SECONDS = 0.5
+# Function limits are written back this often in rounds (and at the end).
+FUNCTION_STATES_SECONDS = 2.0
+# A function's queue of jobs waiting for a slot holds at most this many times its limit; the
+# rest are released, due when a slot is likely free (no attempt counted).
+WAITING_PER_SLOT = 2
+WAITING_RELEASE_DELAY = timedelta(seconds=1)
+
 
 @dataclass(frozen=True)
 class BatchLimits:
-    max_jobs: int
+    max_jobs: int  # per claim
     max_per_tenant: int
     max_concurrency: int
     http_timeout: float
-    lease_seconds: int
+    lease_seconds: int | None  # None: the invocation's remaining time plus a margin
     tenant_id: UUID | None = None
     shard: int = 0
     shards: int = 1
+    rounds: bool = False
+    max_total: int = 100_000  # jobs one invocation takes in rounds
+    defer_exhausted: bool = False  # ask the idempotency store about expired last attempts
 
 
 @dataclass
 class Summary:
-    """The invocation's return value (DESIGN section 5), plus what an operator wants to see."""
+    """The invocation's return value (as the design's event contract says), plus what an
+    operator wants to see."""
 
     worker_id: str
     claimed: int = 0
@@ -55,15 +91,18 @@ class Summary:
     replayed: int = 0  # completed from the idempotency record, without a second call
     duration_ms: int = 0
     settle_statements: int = 0
+    rounds: int = 0  # claim statements
+    lingered_ms: int = 0  # time spent waiting for new work
     fan_out_copies: int = 0  # asynchronous copies this run started for a large backlog
     pruned: int = 0  # rows of old history deleted by this run's maintenance
     scheduled_jobs_created: int = 0  # jobs this run created from due recurring schedules
     latency_ms: dict[str, list[float]] = field(default_factory=dict, repr=False)
     responses: Counter[tuple[str, str]] = field(default_factory=Counter, repr=False)
+    concurrency_limits: dict[str, float] = field(default_factory=dict, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        del data["latency_ms"], data["responses"]
+        del data["latency_ms"], data["responses"], data["concurrency_limits"]
         return data
 
 
@@ -80,138 +119,282 @@ class BatchRunner:
         self._routes = routes
         self._pool = dispatch_pool
         # A function's cap; two job types routed to one function share it (the lower one wins).
-        self._route_limits: dict[str, int] = {}
+        self._caps: dict[str, int] = {}
         for route in routes.values():
             if route.max_in_flight:
-                known = self._route_limits.get(route.function, route.max_in_flight)
-                self._route_limits[route.function] = min(known, route.max_in_flight)
+                known = self._caps.get(route.function, route.max_in_flight)
+                self._caps[route.function] = min(known, route.max_in_flight)
 
-    def run(self, worker_id: str, limits: BatchLimits, budget: TimeBudget) -> Summary:
+    def run(
+        self,
+        worker_id: str,
+        limits: BatchLimits,
+        budget: TimeBudget,
+        *,
+        linger: Linger | None = None,
+    ) -> Summary:
         summary = Summary(worker_id=worker_id)
         parent = _trace_parent()  # before the claim: nothing may fail between claim and dispatch
+        caps = {fn: min(cap, limits.max_concurrency) for fn, cap in self._caps.items()}
+        functions = FunctionLimits(caps, limits.max_concurrency, self._store.function_states())
+        run = _Run(
+            worker_id=worker_id,
+            limits=limits,
+            budget=budget,
+            buffer=SettlementBuffer(lambda batch: self._store.settle(worker_id, batch)),
+            functions=functions,
+            parent=parent,
+            summary=summary,
+        )
+        try:
+            self._loop(run, linger)
+        finally:
+            self._finish(run)
+        summary.duration_ms = budget.elapsed_ms()
+        return summary
+
+    # The invocation's thread -------------------------------------------------------------------
+
+    def _loop(self, run: _Run, linger: Linger | None) -> None:
+        limits = run.limits
+        last_flush = time.monotonic()
+        last_states = time.monotonic()
+        claim_wanted = True
+        last_empty_claim = -1e9
+        while True:
+            seen = run.generation
+            now = time.monotonic()
+            can_start = run.budget.call_timeout(limits.http_timeout) is not None
+            outstanding = run.outstanding
+            free = limits.max_concurrency - outstanding
+            taken = run.summary.claimed
+            wants_more = (
+                can_start
+                and not run.lanes_failed
+                and (run.summary.rounds == 0 or limits.rounds)
+                and taken < limits.max_total
+                and free > 0
+                and (
+                    claim_wanted
+                    or now - last_empty_claim >= EMPTY_CLAIM_RETRY_SECONDS
+                    or outstanding == 0
+                )
+                and (
+                    free >= max(1.0, limits.max_concurrency * ROUND_CLAIM_SHARE) or outstanding == 0
+                )
+            )
+            if wants_more:
+                size = min(limits.max_jobs, free if limits.rounds else limits.max_jobs)
+                size = min(size, limits.max_total - taken)
+                got = self._claim(run, size)
+                claim_wanted = got > 0
+                if got == 0:
+                    last_empty_claim = now
+                continue
+
+            interval = ROUND_SETTLE_SECONDS if limits.rounds else SETTLE_INTERVAL_SECONDS
+            if run.buffer.buffered and (now - last_flush >= interval or run.outstanding == 0):
+                recorded = run.buffer.flush()
+                last_flush = now
+                if recorded.get("completed"):
+                    claim_wanted = True  # a completed job may have released its dependents
+                continue
+            if limits.rounds and now - last_states >= FUNCTION_STATES_SECONDS:
+                self._save_function_states(run)
+                last_states = now
+
+            if run.outstanding == 0 and not run.buffer.buffered:
+                if not limits.rounds or not can_start or taken >= limits.max_total:
+                    return
+                if run.summary.rounds and not claim_wanted:
+                    # Nothing due and nothing in flight: linger for new work, or return.
+                    if linger is None:
+                        return
+                    started = time.monotonic()
+                    due = linger.wait(run.budget)
+                    run.summary.lingered_ms += int((time.monotonic() - started) * 1000)
+                    if not due:
+                        return
+                    claim_wanted = True
+                    continue
+            if limits.rounds:
+                timeout = ROUND_SETTLE_SECONDS
+            else:  # until the next flush is due
+                timeout = max(0.001, SETTLE_INTERVAL_SECONDS - (time.monotonic() - last_flush))
+            run.wait_for_change(timeout, seen)
+
+    def _claim(self, run: _Run, size: int) -> int:
+        limits = run.limits
         jobs = self._store.claim(
-            worker_id,
-            lease_seconds=limits.lease_seconds,
-            max_jobs=limits.max_jobs,
+            run.worker_id,
+            lease_seconds=run.budget.lease_seconds(limits.lease_seconds),
+            max_jobs=max(1, size),
             max_per_tenant=limits.max_per_tenant,
             tenant_id=limits.tenant_id,
             shard=limits.shard,
             shards=limits.shards,
+            claim_round=run.summary.rounds,
+            defer_exhausted=limits.defer_exhausted,
         )
-        summary.claimed = len(jobs)
-        summary.rescued = sum(job.rescued for job in jobs)
-        if jobs:
-            self._dispatch_all(worker_id, jobs, limits, budget, summary, parent=parent)
-        summary.duration_ms = budget.elapsed_ms()
-        return summary
+        run.summary.rounds += 1
+        run.summary.claimed += len(jobs)
+        run.summary.rescued += sum(job.rescued for job in jobs)
+        for job in jobs:
+            run.handed_out()
+            run.work.put(job)
+        self._start_lanes(run)
+        return len(jobs)
 
-    def _dispatch_all(
-        self,
-        worker_id: str,
-        jobs: list[ClaimedJob],
-        limits: BatchLimits,
-        budget: TimeBudget,
-        summary: Summary,
-        *,
-        parent: Any,
-    ) -> None:
-        settler = Settler(lambda batch: self._store.settle(worker_id, batch))
-        batch = _Batch(
-            queue=deque(jobs),
-            settler=settler,
-            budget=budget,
-            limits=limits,
-            slots={fn: threading.BoundedSemaphore(n) for fn, n in self._route_limits.items()},
-            parent=parent,
-            summary=summary,
-        )
-        lanes = [
-            self._pool.submit(self._lane, batch)
-            for _ in range(min(limits.max_concurrency, len(jobs)))
-        ]
-        try:
-            while True:
-                _, running = wait(
-                    lanes, timeout=SETTLE_INTERVAL_SECONDS, return_when=FIRST_EXCEPTION
-                )
-                if not running:
-                    break
-                settler.flush()
-        finally:
-            settler.flush()
-        for lane in lanes:
-            lane.result()  # a lane's own failure (never a job's: those are settled) surfaces here
-        summary.completed = settler.results["completed"]
-        summary.retried = settler.results["retry"]
-        summary.dead_lettered = settler.results["dead"]
-        summary.released = settler.results["released"]
-        summary.stale = settler.results["stale"]
-        summary.unsettled = len(jobs) - sum(settler.results.values())
-        summary.settle_statements = settler.statements
-        for failure in settler.failures:
+    def _start_lanes(self, run: _Run) -> None:
+        """Lanes start with the first jobs and live for the invocation; never more than
+        MAX_CONCURRENCY, nor more than jobs handed out."""
+        wanted = min(run.limits.max_concurrency, run.summary.claimed)
+        while len(run.lanes) < wanted:
+            run.lanes.append(self._pool.submit(self._lane, run))
+
+    def _finish(self, run: _Run) -> None:
+        """Lanes stopped (each finishes its job first), every outcome settled, the functions'
+        limits written back, the summary filled in."""
+        for _ in run.lanes:
+            run.work.put(None)
+        for lane in run.lanes:
+            while not lane.done():
+                run.buffer.flush()
+                with contextlib.suppress(TimeoutError):
+                    lane.exception(timeout=SETTLE_INTERVAL_SECONDS)
+        run.buffer.flush()
+        self._save_function_states(run)
+        summary, results = run.summary, run.buffer.results
+        summary.completed = results["completed"]
+        summary.retried = results["retry"]
+        summary.dead_lettered = results["dead"]
+        summary.released = results["released"]
+        summary.stale = results["stale"]
+        summary.unsettled = summary.claimed - sum(results.values())
+        summary.settle_statements = run.buffer.statements
+        summary.concurrency_limits = run.functions.current()
+        for failure in run.buffer.failures:
             logger.error(
                 "Settlement failed; the leases will bring these jobs back",
                 extra={"error": str(failure)},
             )
+        for lane in run.lanes:
+            lane.result()  # a lane's own failure (never a job's: those are settled) surfaces here
 
-    def _lane(self, batch: _Batch) -> None:
-        """One dispatch thread: takes jobs until none is left."""
+    def _save_function_states(self, run: _Run) -> None:
+        states = run.functions.states(run.circuits)
+        try:
+            self._store.record_function_states([state.as_json() for state in states])
+        except Exception as exc:  # the limits are a hint for the next invocation, not a result
+            logger.warning("Function limits not saved", extra={"error": str(exc)})
+
+    # The lanes -----------------------------------------------------------------------------------
+
+    def _lane(self, run: _Run) -> None:
+        """One dispatch thread: takes jobs until it is told to stop."""
         while True:
-            try:
-                job = batch.queue.popleft()
-            except IndexError:
+            job = run.work.get()
+            if job is None:
                 return
-            self._start(job, batch)
+            try:
+                self._start(job, run)
+            except BaseException:
+                run.lanes_failed = True
+                run.changed()
+                raise
 
-    def _start(self, job: ClaimedJob, batch: _Batch) -> None:
+    def _start(self, job: ClaimedJob, run: _Run) -> None:
+        if job.exhausted:
+            self._check(job, run)
+            return
         route = self._routes.get(job.job_type)
         if route is None:
             error = f"No route for job type '{job.job_type}'"
             _log_job(logging.WARNING, "Job dead-lettered: no route", job, error=error)
-            batch.settler.add(Settlement(job.id, job.attempt, "dead", error=error))
+            run.settle(Settlement(job.id, job.attempt, "dead", error=error))
             return
-        slot = batch.slots.get(route.function)
-        if slot is None:
-            self._send(job, route, batch)
+        limit = run.functions.of(route.function)
+        waiting = run.waiting[route.function]
+        with run.lock:
+            # In rounds a function at its limit with jobs enough waiting sends the rest back to
+            # the queue (a round claims as many jobs as lanes are free, and these would keep
+            # other functions' jobs out); a single batch keeps what it claimed.
+            overflow = (
+                run.limits.rounds and len(waiting) >= max(1, int(limit.limit)) * WAITING_PER_SLOT
+            )
+            if not overflow:
+                waiting.append(job)
+        if overflow:
+            # Due when a slot is likely free, no attempt counted.
+            run.settle(
+                Settlement(
+                    job.id,
+                    job.attempt,
+                    "released",
+                    retry_at=datetime.now(UTC) + WAITING_RELEASE_DELAY,
+                )
+            )
             return
-        # A function with its own cap: a job that finds every slot taken waits in the function's
-        # queue, and whoever frees a slot (or queued a job) sends what is waiting.
-        waiting = batch.waiting[route.function]
-        waiting.append(job)
-        while waiting and slot.acquire(blocking=False):
+        # Whoever frees a slot of this function (or queued a job for it) sends what is waiting.
+        while limit.try_acquire():
+            with run.lock:
+                next_job = waiting.popleft() if waiting else None
+            if next_job is None:
+                limit.release(None, None)
+                return
+            outcome, latency = None, None
             try:
-                try:
-                    next_job = waiting.popleft()
-                except IndexError:
-                    continue
-                self._send(next_job, route, batch)
+                outcome, latency = self._send(next_job, route, run)
             finally:
-                slot.release()
+                limit.release(outcome, latency)
 
-    def _send(self, job: ClaimedJob, route: Route, batch: _Batch) -> None:
-        if route.function in batch.open_circuits:
-            batch.settler.add(Settlement(job.id, job.attempt, "released"))
-            return
-        timeout = batch.budget.call_timeout(batch.limits.http_timeout)
+    def _check(self, job: ClaimedJob, run: _Run) -> None:
+        """An expired last attempt: its idempotency record decides, the function is not called."""
+        report = self._guard.check(job)
+        if report.kind == "completed":
+            with run.lock:
+                run.summary.replayed += 1
+            _log_job(
+                logging.INFO, "Last attempt had succeeded (idempotency record): completed", job
+            )
+            run.settle(Settlement(job.id, job.attempt, "completed"))
+        elif report.kind == "in_flight":
+            _log_job(logging.WARNING, "Last attempt may still be running: asking again later", job)
+            run.settle(Settlement(job.id, job.attempt, "deferred", retry_at=report.retry_at))
+        else:
+            _log_job(
+                logging.WARNING, "Job dead-lettered: the lease expired during its last attempt", job
+            )
+            run.settle(Settlement(job.id, job.attempt, "expired"))
+
+    def _send(self, job: ClaimedJob, route: Route, run: _Run) -> tuple[Any, float | None]:
+        """Sends one job and settles it; (the outcome, its latency) for the function's limit."""
+        if route.function in run.open_circuits:
+            run.settle(Settlement(job.id, job.attempt, "released"))
+            return None, None
+        timeout = run.budget.call_timeout(run.limits.http_timeout)
         if timeout is None:
-            batch.settler.add(Settlement(job.id, job.attempt, "released"))
-            return
+            run.settle(Settlement(job.id, job.attempt, "released"))
+            return None, None
         try:
-            report = self._guard.deliver(job, route, timeout, batch.parent)
+            report = self._guard.deliver(job, route, timeout, run.parent)
         except Exception as exc:
             _log_job(
                 logging.ERROR, "Delivery failed unexpectedly; job released", job, error=repr(exc)
             )
-            batch.settler.add(Settlement(job.id, job.attempt, "released"))
-            return
-        batch.settler.add(self._settlement(job, route, report, batch))
+            run.settle(Settlement(job.id, job.attempt, "released"))
+            return None, None
+        run.settle(self._settlement(job, route, report, run))
+        if report.delivery is None:
+            return None, None
+        return report.delivery.outcome, report.delivery.latency_ms
 
     def _settlement(
-        self, job: ClaimedJob, route: Route, report: DeliveryReport, batch: _Batch
+        self, job: ClaimedJob, route: Route, report: DeliveryReport, run: _Run
     ) -> Settlement:
         if report.kind == "replayed":
-            with batch.lock:
-                batch.summary.replayed += 1
+            with run.lock:
+                run.summary.replayed += 1
             _log_job(
                 logging.INFO,
                 "Already delivered (idempotency record): completed without a call",
@@ -222,14 +405,13 @@ class BatchRunner:
             _log_job(logging.WARNING, "Job released", job, reason=report.kind, error=report.error)
             return Settlement(job.id, job.attempt, "released", retry_at=report.retry_at)
         outcome = report.delivery.outcome
-        with batch.lock:
-            batch.summary.latency_ms.setdefault(route.function, []).append(
-                report.delivery.latency_ms
-            )
-            batch.summary.responses[(route.function, outcome.status_class)] += 1
-            opened = outcome.opens_circuit and route.function not in batch.open_circuits
+        with run.lock:
+            run.summary.latency_ms.setdefault(route.function, []).append(report.delivery.latency_ms)
+            run.summary.responses[(route.function, outcome.status_class)] += 1
+            opened = outcome.opens_circuit and route.function not in run.open_circuits
             if opened:
-                batch.open_circuits.add(route.function)
+                run.open_circuits.add(route.function)
+                run.circuits.append((route.function, outcome.status or 0, outcome.error or ""))
         if opened:
             _log_job(
                 logging.ERROR,
@@ -260,19 +442,60 @@ class BatchRunner:
 
 
 @dataclass
-class _Batch:
-    """What one batch's dispatch threads share."""
+class _Run:
+    """What one invocation's thread and its lanes share."""
 
-    queue: deque[ClaimedJob]
-    settler: Settler
-    budget: TimeBudget
+    worker_id: str
     limits: BatchLimits
-    slots: dict[str, threading.BoundedSemaphore]  # per-function caps on calls in flight
+    budget: TimeBudget
+    buffer: SettlementBuffer
+    functions: FunctionLimits
     parent: Any  # the trace entity deliveries nest under (None: tracing off)
     summary: Summary
+    work: queue.SimpleQueue[ClaimedJob | None] = field(default_factory=queue.SimpleQueue)
+    lanes: list[Future[None]] = field(default_factory=list)
+    lanes_failed: bool = False
     open_circuits: set[str] = field(default_factory=set)
+    circuits: list[tuple[str, int, str]] = field(default_factory=list)  # (function, status, error)
     waiting: defaultdict[str, deque[ClaimedJob]] = field(default_factory=lambda: defaultdict(deque))
     lock: threading.Lock = field(default_factory=threading.Lock)
+    _handed_out: int = 0
+    _settled: int = 0
+    _generation: int = 0  # counts changes, so that a wait never misses one that came just before
+    _changed: threading.Condition = field(default_factory=threading.Condition)
+
+    @property
+    def outstanding(self) -> int:
+        """Jobs handed to the lanes whose outcome is not in the buffer yet."""
+        return self._handed_out - self._settled
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def handed_out(self) -> None:
+        self._handed_out += 1
+
+    def settle(self, settlement: Settlement) -> None:
+        """A lane's outcome. The invocation's thread is woken for it in rounds (a free lane is a
+        reason to claim); a single batch wakes it only when its last job is done."""
+        self.buffer.add(settlement)
+        with self._changed:
+            self._settled += 1
+            if self.limits.rounds or self._settled >= self._handed_out:
+                self._generation += 1
+                self._changed.notify_all()
+
+    def changed(self) -> None:
+        with self._changed:
+            self._generation += 1
+            self._changed.notify_all()
+
+    def wait_for_change(self, timeout: float, seen: int | None = None) -> None:
+        """Waits up to `timeout` for a change after generation `seen` (default: now)."""
+        with self._changed:
+            if seen is None or seen == self._generation:
+                self._changed.wait(timeout)
 
 
 def _trace_parent() -> Any:
@@ -296,7 +519,7 @@ _LOG_METHODS = {
 
 def _log_job(level: int, message: str, job: ClaimedJob, **fields: Any) -> None:
     if level < logger.log_level:
-        return  # a batch may log a line per job: skip building what nobody reads
+        return  # an invocation may log a line per job: skip building what nobody reads
     extra = {
         "job_id": str(job.id),
         "tenant_id": str(job.tenant_id),

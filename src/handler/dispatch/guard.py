@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 # Records of a successful dispatch outlive any retry schedule of the job they guard.
 IDEMPOTENCY_KEY_PREFIX = "queue-worker.dispatch"
+# When the store cannot answer a check, the job is looked at again this much later.
+CHECK_AGAIN_AFTER = timedelta(seconds=30)
 
 DeliveryKind = Literal["sent", "replayed", "in_flight_elsewhere", "not_sent"]
 
@@ -171,6 +173,35 @@ class DeliveryGuard:
             raise DispatchFailedError(call.delivery)
         return {"status": call.delivery.outcome.status}
 
+    def check(self, job: ClaimedJob) -> CheckReport:
+        """Reads the job's idempotency record (no call to the function). A store that cannot
+        answer defers the decision: a job whose function answered 2xx is never dead-lettered."""
+        from aws_lambda_powertools.utilities.idempotency.exceptions import (
+            IdempotencyItemNotFoundError,
+        )
+
+        if self._store is None:
+            return CheckReport("expired")
+        try:
+            record = self._store.get_record(_idempotency_data(job))
+        except IdempotencyItemNotFoundError:
+            return CheckReport("expired")
+        except Exception as exc:
+            logger.warning(
+                "Idempotency store unavailable for the check of an expired last attempt; asking again later",
+                extra=_job_fields(job) | {"error": str(exc)},
+            )
+            return CheckReport("in_flight", datetime.now(UTC) + CHECK_AGAIN_AFTER)
+        if record is None:
+            return CheckReport("expired")
+        if record.status == "COMPLETED":
+            return CheckReport("completed")
+        if record.status == "INPROGRESS" and record.in_progress_expiry_timestamp is not None:
+            until = datetime.fromtimestamp(record.in_progress_expiry_timestamp / 1000, UTC)
+            if until > datetime.now(UTC):
+                return CheckReport("in_flight", until + timedelta(seconds=1))
+        return CheckReport("expired")
+
     def _in_progress_until(self, job: ClaimedJob) -> datetime:
         """When the other dispatch's in-progress record expires (its invocation's deadline)."""
         from aws_lambda_powertools.utilities.idempotency.exceptions import (
@@ -192,6 +223,18 @@ class DeliveryGuard:
         return datetime.fromtimestamp(record.in_progress_expiry_timestamp / 1000, UTC) + timedelta(
             seconds=1
         )
+
+
+@dataclass(frozen=True, slots=True)
+class CheckReport:
+    """What the idempotency record says of a job whose last attempt's lease expired.
+
+    completed: that attempt succeeded (settle the job as completed, nothing sent);
+    in_flight: a dispatch of it may still be running (ask again at `retry_at`);
+    expired: no record says it succeeded (dead-letter it, as without a store)."""
+
+    kind: Literal["completed", "in_flight", "expired"]
+    retry_at: datetime | None = None
 
 
 def _idempotency_data(job: ClaimedJob) -> dict[str, Any]:

@@ -28,6 +28,7 @@ class Outcome:
     error: str | None = None
     retry_at: datetime | None = None
     opens_circuit: bool = False  # stop sending this batch's other jobs to this function
+    timed_out: bool = False  # no answer within the call's time (a sign of an overloaded function)
 
     @property
     def status_class(self) -> StatusClass:
@@ -96,6 +97,7 @@ def classify_network_error(
         "failed",
         None,
         f"Network error calling {function}: {detail}. Check Supabase infrastructure status.",
+        timed_out=isinstance(error, TimeoutError) or "timeout" in type(error).__name__.lower(),
     )
 
 

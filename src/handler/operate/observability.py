@@ -97,19 +97,27 @@ def emit_counts(counts: Mapping[str, int | float], unit: MetricUnit = MetricUnit
 
 
 def emit_per_function(
-    latencies_ms: Mapping[str, list[float]], responses: Mapping[tuple[str, str], int]
+    latencies_ms: Mapping[str, list[float]],
+    responses: Mapping[tuple[str, str], int],
+    concurrency_limits: Mapping[str, float] | None = None,
 ) -> None:
-    """DispatchLatency by function, DispatchResponses by function and status class.
+    """DispatchLatency and ConcurrencyLimit (the adaptive limit of calls in flight the invocation
+    ended with) by function, DispatchResponses by function and status class.
 
     Each (function[, status class]) pair is its own EMF document, since dimensions apply to a
     whole document; they are flushed here, at the end of the batch.
     """
-    for function, values in latencies_ms.items():
+    limits = concurrency_limits or {}
+    for function in sorted(set(latencies_ms) | set(limits)):
         per_function = EphemeralMetrics(namespace=NAMESPACE, service=SERVICE)
         per_function.add_dimension(name="function", value=function)
-        for value in values:
+        for value in latencies_ms.get(function, []):
             per_function.add_metric(
                 name="DispatchLatency", unit=MetricUnit.Milliseconds, value=value
+            )
+        if function in limits:
+            per_function.add_metric(
+                name="ConcurrencyLimit", unit=MetricUnit.Count, value=round(limits[function], 2)
             )
         per_function.flush_metrics()
     for (function, status_class), count in responses.items():

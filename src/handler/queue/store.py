@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import select
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -201,6 +202,7 @@ class QueueStore:
             self._conn = None
             self._provider = source
         self._deadline: float | None = None  # time.monotonic() by which statements must end
+        self._listening: pg8000.native.Connection | None = None  # the connection that LISTENs
 
     # Connection ------------------------------------------------------------------------------
 
@@ -218,6 +220,10 @@ class QueueStore:
                 raise
             self._conn = conn
         return self._conn
+
+    @property
+    def deadline(self) -> float | None:
+        return self._deadline
 
     def limit_statements(self, deadline: float | None) -> None:
         """From now on every statement must end by `deadline` (time.monotonic()); the server
@@ -730,14 +736,45 @@ class QueueStore:
         )
         return bool(rows[0][0])
 
-    def take_linger(self, worker_id: str, seconds: float) -> None:
-        """This worker lingers from now (taking it over from any other)."""
-        self._run(
-            "SELECT queue_worker.queue_linger_take(:worker, CAST(:seconds AS float8))",
+    def take_linger(self, worker_id: str, started_at: datetime, seconds: float) -> bool:
+        """This worker lingers from now, unless an invocation that started later does."""
+        rows = self._run(
+            "SELECT queue_worker.queue_linger_take(:worker, CAST(:started AS timestamptz),"
+            " CAST(:seconds AS float8))",
             idempotent=True,
             worker=worker_id,
+            started=started_at.isoformat(),
             seconds=seconds,
         )
+        return bool(rows[0][0])
+
+    def listen(self, channel: str) -> None:
+        """LISTEN on this store's connection (a session's: not through a transaction pooler);
+        again after a reconnect, since a new connection listens to nothing."""
+        conn = self.conn
+        if self._listening is not conn:
+            self._run(f"LISTEN {pg8000.native.identifier(channel)}", idempotent=True)
+            self._listening = conn
+
+    def wait_for_notification(self, timeout: float) -> bool:
+        """Waits up to `timeout` seconds for the server to send something (a notification, which
+        the next statement reads); True when something came."""
+        sock = getattr(self.conn, "_usock", None)  # pg8000 keeps no public handle on it
+        if sock is None:
+            time.sleep(max(0.0, timeout))
+            return False
+        readable, _, _ = select.select([sock], [], [], max(0.0, timeout))
+        return bool(readable)
+
+    def take_notifications(self) -> int:
+        """How many notifications the connection received since the last call (read by the
+        statements run meanwhile), forgotten."""
+        if self._conn is None:
+            return 0
+        notifications = self._conn.notifications
+        count = len(notifications)
+        notifications.clear()
+        return count
 
     def linger_poll(self, worker_id: str) -> tuple[bool, float | None]:
         """(whether this worker still lingers, seconds until the next job is due or None)."""

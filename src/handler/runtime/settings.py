@@ -25,6 +25,10 @@ from handler.queue.connection import (
 )
 
 IdempotencyStoreKind = Literal["dynamodb", "postgres", "off"]
+RunMode = Literal["batch", "rounds"]
+PoolMode = Literal["session", "transaction"]
+# Supabase's transaction pooler listens here (its session pooler on 5432).
+SUPABASE_TRANSACTION_POOLER_PORT = 6543
 _Getter = Callable[[str], str | None]
 N = TypeVar("N", int, float)
 
@@ -55,6 +59,14 @@ class Settings:
     reserved_concurrency: int | None = None  # the function's reserved concurrency, if any
     completed_retention: timedelta = timedelta(days=7)
     dead_letter_retention: timedelta = timedelta(days=30)
+    # batch: one claim per invocation; rounds: claim again as lanes free up, until the budget
+    # or max_jobs_per_invocation, and (linger) wait for new work when nothing is due.
+    run_mode: RunMode = "batch"
+    linger: bool = True
+    max_jobs_per_invocation: int = 100_000
+    # transaction: the connection is a transaction pooler's (Supabase's port 6543), which
+    # delivers no notifications: a lingering invocation polls.
+    database_pool_mode: PoolMode = "session"
 
     def database_settings(self) -> ConnectionSettings:
         if self.database is not None:
@@ -120,9 +132,17 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
         )
 
     lease = get("JOB_LEASE_SECONDS")
+    run_mode = _choice(get, "RUN_MODE", ("batch", "rounds"), "batch")
+    database = parse_database_url(database_url, sslrootcert=root) if database_url else None
+    pool_default = (
+        "transaction"
+        if database is not None and database.port == SUPABASE_TRANSACTION_POOLER_PORT
+        else "session"
+    )
+    pool_mode = _choice(get, "DATABASE_POOL_MODE", ("session", "transaction"), pool_default)
     return Settings(
         functions_base_url=_functions_base_url(get("FUNCTIONS_BASE_URL"), get("SUPABASE_URL")),
-        database=parse_database_url(database_url, sslrootcert=root) if database_url else None,
+        database=database,
         database_secret_arn=None if database_url else database_arn,
         database_sslrootcert=root,
         service_role_key=key,
@@ -139,6 +159,12 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
         reserved_concurrency=_int(get, "RESERVED_CONCURRENCY", 0, low=0, high=100_000) or None,
         completed_retention=_duration(get, "COMPLETED_RETENTION", timedelta(days=7)),
         dead_letter_retention=_duration(get, "DEAD_LETTER_RETENTION", timedelta(days=30)),
+        run_mode=run_mode,  # type: ignore[arg-type]  # one of the choices
+        linger=_choice(get, "LINGER", ("true", "false"), "true") == "true",
+        max_jobs_per_invocation=_int(
+            get, "MAX_JOBS_PER_INVOCATION", 100_000, low=1, high=10_000_000
+        ),
+        database_pool_mode=pool_mode,  # type: ignore[arg-type]  # one of the choices
     )
 
 
@@ -188,6 +214,15 @@ def _functions_base_url(base: str | None, supabase: str | None) -> str:
     if parts.query or parts.fragment:
         raise ConfigurationError(variable, "must not carry a query string or fragment")
     return url.rstrip("/")
+
+
+def _choice(get: _Getter, name: str, choices: tuple[str, ...], default: str) -> str:
+    raw = get(name)
+    if raw is None:
+        return default
+    if raw.lower() not in choices:
+        raise ConfigurationError(name, f"is {raw!r}; use {' or '.join(choices)}")
+    return raw.lower()
 
 
 def _int(get: _Getter, name: str, default: int, *, low: int, high: int) -> int:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from aws_lambda_powertools.metrics import MetricUnit
 
 from handler.batch.budget import TimeBudget
+from handler.batch.linger import Linger
 from handler.batch.runner import BatchLimits, BatchRunner, Summary
 from handler.dispatch.client import Dispatcher
 from handler.dispatch.guard import DeliveryGuard
@@ -97,24 +98,52 @@ class Worker:
         if fan_out is not None:
             plan, copies_started = fan_out
             shard, shards = plan.own_shard, plan.shards
+        rounds = self.settings.run_mode == "rounds"
         limits = BatchLimits(
             max_jobs=self.settings.max_jobs_per_run,
             max_per_tenant=invocation.max_jobs_per_tenant or self.settings.max_jobs_per_tenant,
             max_concurrency=self.settings.max_concurrency,
             http_timeout=self.settings.http_timeout_seconds,
-            lease_seconds=budget.lease_seconds(self.settings.job_lease_seconds),
+            lease_seconds=self.settings.job_lease_seconds,
             tenant_id=invocation.tenant_id,
             shard=shard,
             shards=shards,
+            rounds=rounds,
+            max_total=self.settings.max_jobs_per_invocation
+            if rounds
+            else self.settings.max_jobs_per_run,
+            defer_exhausted=self._idempotency is not None,
         )
         worker_id = f"{SERVICE}:{request_id}:{uuid.uuid4().hex[:8]}"
-        summary = runner.run(worker_id, limits, budget)
+        linger = self._linger(invocation, worker_id, shards) if rounds else None
+        try:
+            summary = runner.run(worker_id, limits, budget, linger=linger)
+        finally:
+            if linger is not None:
+                linger.release()
         summary.fan_out_copies = copies_started
         summary.scheduled_jobs_created = scheduled.jobs_created
         summary.pruned = self._maintain(budget).total
         due, oldest = self.store.backlog()
         summary.duration_ms = budget.elapsed_ms()
         return summary, Backlog(due, oldest)
+
+    def _linger(self, invocation: Invocation, worker_id: str, shards: int) -> Linger | None:
+        """Only a scheduled invocation of all tenants lingers (not a direct one, a tenant's, nor a
+        fan-out copy or a run that fanned out): the next tick takes over from it."""
+        if (
+            not self.settings.linger
+            or invocation.source == "direct"
+            or invocation.tenant_id is not None
+            or shards > 1
+        ):
+            return None
+        return Linger(
+            self.store,
+            worker_id,
+            datetime.now(UTC),
+            listen=self.settings.database_pool_mode == "session",
+        )
 
     def _fire_schedules(self, budget: TimeBudget) -> FireReport:
         """Turns due recurring schedules into jobs before the claim, so they can run at once."""
@@ -220,7 +249,15 @@ class Worker:
                     ),
                 )
             guard = DeliveryGuard(self._dispatcher, self._idempotency_store, self._idempotency)
+            # The routes, for the functions' rate limits (taken by the claim) and for
+            # explain_job: once per container.
+            self.store.record_routes(
+                {job_type: route.as_json() for job_type, route in self.settings.routes.items()}
+            )
             self._runner = BatchRunner(self.store, guard, self.settings.routes, self.dispatch_pool)
+        limit = getattr(self._idempotency_store, "limit_statements", None)
+        if limit is not None:  # the PostgreSQL store's statements end with the invocation too
+            limit(self.store.deadline)
         return self._runner
 
     def close(self) -> None:
@@ -246,6 +283,7 @@ def report(summary: Summary, backlog: Backlog) -> None:
             "JobsPruned": summary.pruned,
             "ScheduledJobsCreated": summary.scheduled_jobs_created,
             "FanOutInvocations": summary.fan_out_copies,
+            "ClaimRounds": summary.rounds,
             "QueueDepth": backlog.due_now,
         }
     )

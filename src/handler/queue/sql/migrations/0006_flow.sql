@@ -73,9 +73,10 @@ CREATE TABLE queue_worker.queue_functions (
 
 -- The one invocation that lingers for new work (see queue_linger_take).
 CREATE TABLE queue_worker.queue_linger (
-    id        int  PRIMARY KEY CONSTRAINT queue_linger_one_row CHECK (id = 1),
-    worker_id text,
-    until     timestamptz
+    id         int  PRIMARY KEY CONSTRAINT queue_linger_one_row CHECK (id = 1),
+    worker_id  text,
+    started_at timestamptz,  -- when the lingering invocation started: the latest one lingers
+    until      timestamptz
 );
 INSERT INTO queue_worker.queue_linger (id) VALUES (1);
 
@@ -891,18 +892,26 @@ $$;
 
 -- Lingering ---------------------------------------------------------------------------------------
 
--- At most one invocation lingers for new work: whoever takes the linger last (the newest
--- scheduled invocation takes it over, so there is no gap between one and the next); the one it
--- was taken from sees so at its next poll, and stops.
-CREATE FUNCTION queue_worker.queue_linger_take(p_worker_id text, p_seconds double precision)
-RETURNS void
-LANGUAGE sql
+-- At most one invocation lingers for new work: the one that started last (the next scheduled
+-- invocation takes the linger over, so there is no gap between one and the next; the one it was
+-- taken from sees so at its next poll, and stops; an older one never takes it back). true when
+-- this worker lingers now.
+CREATE FUNCTION queue_worker.queue_linger_take(
+    p_worker_id text, p_started_at timestamptz, p_seconds double precision)
+RETURNS boolean
+LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = ''
 AS $$
-    UPDATE queue_worker.queue_linger
-    SET worker_id = p_worker_id, until = now() + make_interval(secs => greatest(p_seconds, 0))
-    WHERE id = 1
+BEGIN
+    UPDATE queue_worker.queue_linger l
+    SET worker_id = p_worker_id, started_at = p_started_at,
+        until = now() + make_interval(secs => greatest(p_seconds, 0))
+    WHERE l.id = 1
+      AND (l.worker_id IS NULL OR l.worker_id = p_worker_id OR l.until < now()
+           OR l.started_at <= p_started_at);
+    RETURN FOUND;
+END;
 $$;
 
 -- One cheap query per poll: whether this worker still lingers, and in how many seconds the next
@@ -929,7 +938,7 @@ LANGUAGE sql
 SECURITY DEFINER
 SET search_path = ''
 AS $$
-    UPDATE queue_worker.queue_linger SET worker_id = NULL, until = NULL
+    UPDATE queue_worker.queue_linger SET worker_id = NULL, started_at = NULL, until = NULL
     WHERE id = 1 AND worker_id = p_worker_id
 $$;
 
@@ -1102,7 +1111,7 @@ GRANT EXECUTE ON FUNCTION
     queue_worker.record_routes(jsonb),
     queue_worker.function_states(),
     queue_worker.record_function_states(jsonb),
-    queue_worker.queue_linger_take(text, double precision),
+    queue_worker.queue_linger_take(text, timestamptz, double precision),
     queue_worker.queue_linger_poll(text),
     queue_worker.queue_linger_release(text)
 TO queue_worker_runtime;

@@ -1,0 +1,176 @@
+"""Adaptive limits of calls in flight, one per function.
+
+Additive increase while calls succeed within their usual latency (about one more call in flight
+per limit's worth of successes), multiplicative decrease on congestion: a 429, a 503, a timeout,
+or a success three times slower than usual (and 100 ms slower at least), at most once per call's
+latency so that a burst of refusals counts once. Never above the function's cap (its route's
+max_concurrency, or MAX_CONCURRENCY), never below 1. After congestion at N calls in flight the
+limit climbs four times slower above N - 1 for a few seconds: it settles under the point where the
+function pushes back instead of probing it at full speed. An invocation starts from the limits the
+last ones left in the database (queue_functions) and leaves its own; docs/adr/0007-flow-control.md.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from handler.dispatch.outcomes import Outcome
+
+Signal = Literal["ok", "congested", "neutral"]
+
+DECREASE_FACTOR = 0.7
+LATENCY_JUMP = 3.0
+LATENCY_JUMP_MIN_MS = 100.0
+CEILING_MEMORY_SECONDS = 5.0
+SLOW_CLIMB = 4.0  # how much slower the limit climbs above the last congestion point
+
+
+def signal_of(outcome: Outcome) -> Signal:
+    """What an answer says about the function's load."""
+    if outcome.kind == "completed":
+        return "ok"
+    if outcome.kind == "rate_limited" or outcome.status == 503 or outcome.timed_out:
+        return "congested"
+    return "neutral"
+
+
+class AdaptiveLimit:
+    """One function's limit of calls in flight; safe to use from many threads."""
+
+    def __init__(
+        self, cap: int, start: float | None = None, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.cap = max(1, cap)
+        self._clock = clock
+        self._limit = float(self.cap if start is None else min(max(start, 1.0), self.cap))
+        self._in_flight = 0
+        self._base_ms: float | None = None  # the usual latency of a success
+        self._ceiling: float | None = None
+        self._ceiling_at = 0.0
+        self._last_decrease = -math.inf
+        self._lock = threading.Lock()
+
+    @property
+    def limit(self) -> float:
+        return self._limit
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def try_acquire(self) -> bool:
+        """Takes a slot if one is free."""
+        with self._lock:
+            if self._in_flight >= max(1, math.floor(self._limit)):
+                return False
+            self._in_flight += 1
+            return True
+
+    def release(self, outcome: Outcome | None, latency_ms: float | None) -> None:
+        """Gives the slot back, learning from how the call went (None: it was never sent)."""
+        now = self._clock()
+        with self._lock:
+            in_flight = self._in_flight
+            self._in_flight = max(0, self._in_flight - 1)
+            if outcome is None:
+                return
+            signal = signal_of(outcome)
+            if signal == "ok" and latency_ms is not None and self._jumped(latency_ms):
+                signal = "congested"
+            if signal == "ok":
+                self._learn_latency(latency_ms)
+                self._increase(now)
+            elif signal == "congested":
+                self._decrease(now, in_flight, latency_ms)
+
+    def _jumped(self, latency_ms: float) -> bool:
+        base = self._base_ms
+        return (
+            base is not None
+            and latency_ms > LATENCY_JUMP * base
+            and latency_ms - base > LATENCY_JUMP_MIN_MS
+        )
+
+    def _learn_latency(self, latency_ms: float | None) -> None:
+        if latency_ms is None:
+            return
+        if self._base_ms is None or latency_ms < self._base_ms:
+            self._base_ms = latency_ms
+        else:  # drifts up slowly, so that one fast call does not make every other one a jump
+            self._base_ms += 0.05 * (latency_ms - self._base_ms)
+
+    def _increase(self, now: float) -> None:
+        step = 1.0 / self._limit
+        if (
+            self._ceiling is not None
+            and self._limit >= self._ceiling
+            and now - self._ceiling_at < CEILING_MEMORY_SECONDS
+        ):
+            step /= SLOW_CLIMB
+        self._limit = min(float(self.cap), self._limit + step)
+
+    def _decrease(self, now: float, in_flight: int, latency_ms: float | None) -> None:
+        self._ceiling = max(1.0, in_flight - 1.0)
+        self._ceiling_at = now
+        window = (latency_ms or 0.0) / 1000
+        if now - self._last_decrease < window:
+            return  # the same burst of refusals
+        self._last_decrease = now
+        self._limit = max(1.0, self._limit * DECREASE_FACTOR)
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionState:
+    """What an invocation leaves in the database for one function."""
+
+    function: str
+    concurrency_limit: float
+    circuit_status: int | None = None
+    circuit_error: str | None = None
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "function": self.function,
+            "concurrency_limit": round(self.concurrency_limit, 3),
+            "circuit_status": self.circuit_status,
+            "circuit_error": self.circuit_error,
+        }
+
+
+class FunctionLimits:
+    """The adaptive limits of one invocation, by function."""
+
+    def __init__(
+        self, caps: Mapping[str, int], default_cap: int, start: Mapping[str, float]
+    ) -> None:
+        self._default_cap = default_cap
+        self._start = dict(start)
+        self._limits = {
+            function: AdaptiveLimit(cap, self._start.get(function))
+            for function, cap in caps.items()
+        }
+        self._lock = threading.Lock()
+
+    def of(self, function: str) -> AdaptiveLimit:
+        limit = self._limits.get(function)
+        if limit is None:
+            with self._lock:
+                limit = self._limits.setdefault(
+                    function, AdaptiveLimit(self._default_cap, self._start.get(function))
+                )
+        return limit
+
+    def current(self) -> dict[str, float]:
+        return {function: limit.limit for function, limit in self._limits.items()}
+
+    def states(self, circuits: Iterable[tuple[str, int, str]] = ()) -> list[FunctionState]:
+        opened = {function: (status, error) for function, status, error in circuits}
+        return [
+            FunctionState(function, limit.limit, *opened.get(function, (None, None)))
+            for function, limit in sorted(self._limits.items())
+        ]

@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeoutError
@@ -18,7 +19,7 @@ from typing import Any
 import httpx2
 import pytest
 
-from handler.local.standin import ReceivedRequest, StandIn
+from handler.local.standin import FunctionStats, ReceivedRequest, StandIn
 
 TIMEOUT_S = 10.0
 # Only for "never answers" checks: how long we listen for an answer that must not come.
@@ -81,6 +82,17 @@ def raw_exchange(standin: StandIn, request: bytes) -> bytes:
         while chunk := sock.recv(65536):
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+def control(standin: StandIn, path: str) -> tuple[int, Any]:
+    """GET a control document on a fresh connection: (status, parsed JSON)."""
+    connection = http.client.HTTPConnection("127.0.0.1", standin.port, timeout=TIMEOUT_S)
+    try:
+        connection.request("GET", f"/__standin/{path}")
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
 
 
 def raw_post(function: str, body: dict[str, Any], extra: str = "") -> bytes:
@@ -200,6 +212,65 @@ def test_many_concurrent_clients(standin: StandIn) -> None:
     assert asyncio.run(run()) == [200] * 200
     keys = {r.headers["idempotency-key"] for r in standin.requests()}
     assert keys == {f"job-{n}" for n in range(200)}
+
+
+def test_head_gets_the_headers_of_a_post_and_no_body(standin: StandIn) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", standin.port, timeout=TIMEOUT_S)
+    try:
+        connection.request("HEAD", "/fn")
+        response = connection.getresponse()
+        assert response.read() == b""
+        connection.request("POST", "/fn", body=b"{}")  # the connection is still in step
+        assert connection.getresponse().read() == b'{"ok": true}'
+    finally:
+        connection.close()
+    assert response.status == 200
+    assert response.getheader("content-length") == str(len(b'{"ok": true}'))
+
+
+def test_chunked_request_body_is_recorded_whole(standin: StandIn) -> None:
+    data = json.dumps(job(n=7)).encode()
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (data[:5], data[5:]))
+    request = (
+        b"POST /chunked HTTP/1.1\r\nHost: functions\r\nTransfer-Encoding: chunked\r\n"
+        b"Connection: close\r\n\r\n" + chunks + b"0\r\n\r\n"
+    )
+
+    answer = raw_exchange(standin, request)
+
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    [received] = standin.requests()
+    assert received.body == job(n=7)
+
+
+def test_expect_100_continue_gets_a_100_before_the_body(standin: StandIn) -> None:
+    data = json.dumps(job()).encode()
+    head = (
+        f"POST /careful HTTP/1.1\r\nHost: functions\r\nExpect: 100-continue\r\n"
+        f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", standin.port), timeout=TIMEOUT_S) as sock:
+        sock.sendall(head)
+        interim = sock.recv(65536)  # the server asks for the body before it is sent
+        sock.sendall(data)
+        rest = b""
+        while chunk := sock.recv(65536):
+            rest += chunk
+
+    assert interim.startswith(b"HTTP/1.1 100 ")
+    assert rest.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert [r.body for r in standin.requests()] == [job()]
+
+
+def test_a_client_gone_mid_request_gets_no_answer_and_breaks_nothing(standin: StandIn) -> None:
+    partial = raw_post("fn", job())[:-5]  # the body is 5 bytes short
+    with socket.create_connection(("127.0.0.1", standin.port), timeout=TIMEOUT_S) as sock:
+        sock.sendall(partial)
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(65536) == b""  # closed, nothing said
+
+    assert post(standin, "fn", job())[0] == 200
+    assert [r.path for r in standin.requests()] == ["/fn"]  # the torn request was never one
 
 
 # -- behaviours ------------------------------------------------------------------------------
@@ -477,6 +548,157 @@ def test_hold_must_be_a_boolean(standin: StandIn) -> None:
         standin.configure("fn", {"hold": 1})
 
 
+# -- flow control: requests in flight, when they came and went -------------------------------
+
+
+def test_max_in_flight_answers_429_beyond_the_limit(standin: StandIn) -> None:
+    standin.configure(
+        "limited",
+        {"max_in_flight": 2, "hold": True, "status": 202, "headers": {"Retry-After": "7"}},
+    )
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        calls = [pool.submit(post, standin, "limited", job(f"job-{n}")) for n in range(2)]
+        standin.wait_for_requests(2)  # two in flight, held
+        status, headers, body = post(standin, "limited", job("job-3"))  # the third: refused
+        assert post(standin, "other", job())[0] == 200  # other functions have their own count
+        standin.release()
+        answered = [call.result(timeout=TIMEOUT_S) for call in calls]
+
+    assert status == 429
+    assert headers["retry-after"] == "7"
+    assert "more than 2 requests in flight" in json.loads(body)["error"]
+    assert [a[0] for a in answered] == [202, 202]  # within the limit: the rest of the behaviour
+    assert [a[1]["retry-after"] for a in answered] == ["7", "7"]
+    assert post(standin, "limited", job("job-4"))[0] == 202  # back within the limit
+
+
+def test_max_in_flight_counts_this_request(standin: StandIn) -> None:
+    standin.configure("single", {"max_in_flight": 1, "hold": True})
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        held = pool.submit(post, standin, "single", job("job-1"))
+        standin.wait_for_requests(1)
+        refused = post(standin, "single", job("job-2"))[0]
+        standin.release()
+        first = held.result(timeout=TIMEOUT_S)[0]
+
+    assert (first, refused) == (200, 429)
+    assert post(standin, "single", job("job-3"))[0] == 200  # alone in flight: within the limit
+
+
+def test_max_in_flight_from_simulate(standin: StandIn) -> None:
+    simulate = {"max_in_flight": 1, "status": 201}
+
+    assert post(standin, "fn", job(simulate=simulate))[0] == 201
+
+
+def test_requests_carry_when_they_were_received_and_answered(standin: StandIn) -> None:
+    before = time.time()
+    post(standin, "fn", job())
+    after = time.time()
+
+    [received] = standin.requests()
+    assert isinstance(received.received_at, float)
+    assert isinstance(received.answered_at, float)
+    assert before <= received.received_at <= received.answered_at <= after
+
+
+def test_answered_at_is_after_the_delay(standin: StandIn) -> None:
+    post(standin, "slow", job(simulate={"delay_ms": 200}))
+
+    [received] = standin.requests()
+    assert received.answered_at is not None
+    assert received.answered_at - received.received_at >= 0.2
+
+
+def test_answered_at_is_none_until_answered_and_for_hang(standin: StandIn) -> None:
+    standin.configure("held", {"hold": True})
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        call = pool.submit(post, standin, "held", job())
+        [pending] = standin.wait_for_requests(1)
+        standin.release()
+        call.result(timeout=TIMEOUT_S)
+    [answered] = standin.requests()
+
+    assert pending.answered_at is None
+    assert answered.answered_at is not None
+    assert answered.answered_at >= answered.received_at
+
+    standin.reset()
+    with socket.create_connection(("127.0.0.1", standin.port), timeout=TIMEOUT_S) as sock:
+        sock.sendall(raw_post("stuck", job(simulate={"hang": True})))
+        [hanging] = standin.wait_for_requests(1)
+    assert hanging.answered_at is None
+
+
+def test_close_and_garbage_count_as_answered(standin: StandIn) -> None:
+    raw_exchange(standin, raw_post("fn", job(simulate={"close": True})))
+    raw_exchange(standin, raw_post("fn", job(simulate={"garbage": True})))
+
+    closed, garbage = standin.requests()
+    assert closed.answered_at is not None
+    assert garbage.answered_at is not None
+
+
+def test_stats_count_requests_and_in_flight_per_function(standin: StandIn) -> None:
+    standin.configure("held", {"hold": True})
+    for _ in range(3):
+        post(standin, "quick", job())
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        calls = [pool.submit(post, standin, "held", job(f"job-{n}")) for n in range(3)]
+        standin.wait_for_requests(6)
+        during = standin.stats()
+        standin.release()
+        for call in calls:
+            call.result(timeout=TIMEOUT_S)
+    after = standin.stats()
+
+    assert during["held"] == FunctionStats(requests=3, in_flight=3, peak_in_flight=3)
+    assert during["quick"] == FunctionStats(requests=3, in_flight=0, peak_in_flight=1)
+    assert after["held"] == FunctionStats(requests=3, in_flight=0, peak_in_flight=3)
+
+
+def test_stats_peak_counts_requests_refused_by_max_in_flight(standin: StandIn) -> None:
+    standin.configure("limited", {"max_in_flight": 1, "hold": True})
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        held = pool.submit(post, standin, "limited", job())
+        standin.wait_for_requests(1)
+        assert post(standin, "limited", job())[0] == 429
+        standin.release()
+        held.result(timeout=TIMEOUT_S)
+
+    # The client had two in flight at once: that is what the peak tells.
+    assert standin.stats()["limited"] == FunctionStats(requests=2, in_flight=0, peak_in_flight=2)
+
+
+def test_stats_document_and_reset(standin: StandIn) -> None:
+    post(standin, "counted", job())
+    status, document = control(standin, "stats")
+    assert status == 200
+    assert document["functions"]["counted"] == {"requests": 1, "in_flight": 0, "peak_in_flight": 1}
+
+    with socket.create_connection(("127.0.0.1", standin.port), timeout=TIMEOUT_S) as sock:
+        sock.sendall(raw_post("stuck", job(simulate={"hang": True})))
+        standin.wait_for_requests(2)
+        standin.reset()
+        stats = standin.stats()
+
+    # Forgotten, except the call still in flight: it is still there.
+    assert "counted" not in stats
+    assert stats["stuck"] == FunctionStats(requests=0, in_flight=1, peak_in_flight=1)
+
+
+def test_control_requests_are_not_counted(standin: StandIn) -> None:
+    standin.requests()
+    standin.configure_default(None)
+    standin.wait_for_requests(0)
+
+    # Only calls of earlier tests that are still in flight (delayed past their client) remain.
+    assert all(s.requests == 0 and s.in_flight > 0 for s in standin.stats().values())
+
+
 # -- validation ------------------------------------------------------------------------------
 
 
@@ -495,6 +717,11 @@ def test_hold_must_be_a_boolean(standin: StandIn) -> None:
         {"hang": True, "close": True},
         {"fail_times": -1},
         {"fail_times": 1.5},
+        {"max_in_flight": 0},
+        {"max_in_flight": True},
+        {"max_in_flight": 2.5},
+        {"headers": {"X-Name": "caf\u00e9"}},
+        {"headers": {"Bad Name": "1"}},
     ],
 )
 def test_invalid_behaviours_are_rejected(standin: StandIn, behaviour: dict[str, Any]) -> None:

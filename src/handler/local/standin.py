@@ -1,8 +1,10 @@
 """A local HTTP/1.1 server that stands in for the HTTP functions.
 
 Tests, ``queue-worker demo`` and the benchmarks point ``FUNCTIONS_BASE_URL`` at it. It runs in its
-own process so that it never competes with the worker under test for the GIL, and it speaks just
-enough HTTP/1.1 (keep-alive, ``Content-Length`` bodies) to be fast: parsing is kept minimal.
+own process so that it never competes with the worker under test for the GIL. The HTTP/1.1
+protocol (parsing, framing, keep-alive, ``Connection: close``, chunked request bodies, ``Expect:
+100-continue``) is the ``h11`` library's, over asyncio streams; this module only decides what to
+answer.
 
 Every request to ``/{function}`` is recorded, then answered with the first behaviour found in:
 
@@ -17,20 +19,36 @@ A behaviour is a JSON object (see :class:`Behaviour`)::
 
 ``fail_times: N`` applies the behaviour only to the first N requests carrying the same
 ``Idempotency-Key`` header; later ones get the plain 200 of step 4, so a test can script "fails
-twice, then succeeds". ``hang`` never answers (the connection stays open until the client goes
-away), ``garbage`` writes bytes that are not HTTP and closes, ``close`` closes without answering.
+twice, then succeeds". ``max_in_flight: N`` answers ``429`` (with the behaviour's ``headers``,
+e.g. a ``Retry-After``) at once to a request that arrives while N requests for the same function
+are already being handled; requests within the limit get the rest of the behaviour, so
+``{"max_in_flight": 8, "delay_ms": 50}`` is "a function that answers 429 to more than 8 calls in
+flight". ``hang`` never answers (the connection stays open until the client goes away),
+``garbage`` writes bytes that are not HTTP and closes, ``close`` closes without answering.
 ``delay_ms`` is waited before answering (or before ``garbage``/``close``). ``hold`` waits,
-before anything else, until the test releases the held calls (``StandIn.release()``): a test can
-act while calls are in flight, then let them answer.
+before anything else but ``max_in_flight``, until the test releases the held calls
+(``StandIn.release()``): a test can act while calls are in flight, then let them answer.
 
-Control goes over HTTP to reserved paths (never recorded):
+Each recorded request carries ``received_at``, the server's ``time.time()`` when its head was
+complete, and ``answered_at``, when the stand-in wrote its answer (or the garbage, or closed the
+connection for ``close``); ``answered_at`` is null while the request is still being handled, and
+for ``hang``.
+
+Control goes over HTTP to reserved paths (never recorded, never counted):
 
 - ``GET /__standin/requests``: everything received since start or the last reset, in order.
 - ``GET /__standin/wait?count=N&timeout=S``: blocks until at least N requests have been received
   since the last reset, then answers as ``requests`` does; 408 when S seconds pass first.
+- ``GET /__standin/stats``: per function, ``requests`` received since start or the last reset
+  (recorded or not), ``in_flight`` now, and ``peak_in_flight``, the most in flight at once since
+  start or the last reset. A request is in flight from when it has fully arrived until its answer
+  goes out (for ``hang``: until its client goes away), so whoever has read an answer sees counts
+  without that request; one refused by ``max_in_flight`` counts while it arrives, so the peak is
+  what the client had in flight.
 - ``POST /__standin/release``: lets every ``hold`` call answer, now and until the next reset.
-- ``POST /__standin/reset``: forget requests, ``fail_times`` counters and configured behaviours
-  (held calls are released first).
+- ``POST /__standin/reset``: forget requests, counts and peaks (a peak restarts from the calls
+  still in flight), ``fail_times`` counters and configured behaviours (held calls are released
+  first).
 - ``POST /__standin/config`` with ``{"function": "name" | null, "behaviour": {...} | null}``:
   set (or, with a null behaviour, clear) a function's behaviour, or the default one.
 - ``GET /__standin/config``: the configured behaviours.
@@ -42,12 +60,14 @@ In Python, use :class:`StandIn`::
         ...  # post to f"{functions.base_url}/resize"
         assert functions.requests()[0].headers["idempotency-key"] == job_id
         functions.wait_for_requests(3)  # blocks until 3 requests came in (TimeoutError if not)
+        assert functions.stats()["resize"].peak_in_flight <= 8
 
 From a shell (benchmarks, ``sam local invoke``)::
 
-    python -m handler.standin --port 8787 --delay-ms 0
+    python -m handler.local.standin --port 8787 --delay-ms 0
 
-This module uses the standard library only.
+This module uses the standard library and ``h11`` only (it runs as a plain script in its own
+process, see :meth:`StandIn.start`).
 """
 
 from __future__ import annotations
@@ -64,6 +84,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -72,7 +93,9 @@ from types import TracebackType
 from typing import Any, Self, TypedDict
 from urllib.parse import parse_qs
 
-__all__ = ["Behaviour", "ReceivedRequest", "StandIn", "main"]
+import h11
+
+__all__ = ["Behaviour", "FunctionStats", "ReceivedRequest", "StandIn", "main"]
 
 CONTROL_PREFIX = "/__standin/"
 READY_PREFIX = "listening on "
@@ -80,11 +103,28 @@ START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 5.0
 # How long the client gives the server beyond a wait's own timeout to answer it.
 WAIT_GRACE_S = 10.0
+# h11 answers 431 to a request head still incomplete past this size (asyncio streams' default
+# limit, which the stand-in had before h11).
+MAX_HEAD_BYTES = 64 * 1024
+READ_BYTES = 64 * 1024
 
 _GARBAGE = b"\x00\xff\xfeTHIS IS NOT HTTP\x00\r\n\r\n\x07\x1b"
 _FLAGS = ("hang", "garbage", "close")
 _NO_BODY_STATUSES = frozenset({204, 304})
-_REASONS = {status.value: status.phrase for status in HTTPStatus}
+_MANAGED_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
+_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+_JSON = b"application/json"
+_TEXT = b"text/plain; charset=utf-8"
+
+# The answer to almost every request, built once: h11 validates a Response's headers when it is
+# constructed, and the event is immutable, so one instance serves every connection.
+_OK_BODY = h11.Data(data=json.dumps({"ok": True}).encode())
+_OK_HEAD = h11.Response(
+    status_code=200,
+    headers=[(b"Content-Type", _JSON), (b"Content-Length", b"%d" % len(_OK_BODY.data))],
+    reason=b"OK",
+)
+_END = h11.EndOfMessage()
 
 
 class Behaviour(TypedDict, total=False):
@@ -109,6 +149,9 @@ class Behaviour(TypedDict, total=False):
     """Apply this behaviour to the first N requests per ``Idempotency-Key`` only, then 200."""
     hold: bool
     """Wait until ``StandIn.release()`` (or a reset) first, then answer as the rest says."""
+    max_in_flight: int
+    """Answer 429 (with ``headers``) at once when more than N requests for this function are
+    being handled, this one included; the others get the rest of the behaviour."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,11 +165,29 @@ class ReceivedRequest:
     """Header names lower-cased; repeated headers joined with ``", "``."""
     body: Any
     """The body parsed as JSON, or its text when it is not JSON (``""`` when empty)."""
+    received_at: float
+    """The server's ``time.time()`` when the request head was complete."""
+    answered_at: float | None
+    """The server's ``time.time()`` when it wrote its answer (or the garbage, or closed the
+    connection for ``close``); ``None`` while the request is being handled, and for ``hang``."""
 
     @property
     def function(self) -> str:
         """The function the request was addressed to: its path without ``/`` and query."""
         return _function_name(self.path)
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionStats:
+    """What the stand-in counted for one function (``GET /__standin/stats``)."""
+
+    requests: int
+    """Requests received since start or the last reset, recorded or not."""
+    in_flight: int
+    """Requests being handled now (delayed, held, hanging, or being answered)."""
+    peak_in_flight: int
+    """The most requests handled at once since start or the last reset, counting those that
+    ``max_in_flight`` answered 429."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,17 +217,19 @@ def _validate(raw: object) -> dict[str, Any]:
         raise _BehaviourError(f"status must be an integer in 200..599, not {status!r}")
     headers = raw.get("headers", {})
     if not isinstance(headers, dict) or not all(
-        isinstance(k, str) and isinstance(v, str | int | float) for k, v in headers.items()
+        isinstance(k, str) and type(v) in (str, int, float) for k, v in headers.items()
     ):
         raise _BehaviourError(f"headers must map names to strings, not {headers!r}")
     for name, value in headers.items():
-        if name.lower() in ("content-length", "transfer-encoding", "connection"):
+        if name.lower() in _MANAGED_HEADERS:
             raise _BehaviourError(f"header {name!r} is managed by the stand-in")
-        if not name or any(c in name for c in " :\r\n") or any(c in str(value) for c in "\r\n"):
-            raise _BehaviourError(f"invalid header {name!r}: {value!r}")
+        try:  # h11 checks names and values against the HTTP grammar when building a Response
+            h11.Response(status_code=status, headers=[(name, str(value))])
+        except (h11.LocalProtocolError, UnicodeEncodeError):
+            raise _BehaviourError(f"invalid header {name!r}: {value!r}") from None
     delay = raw.get("delay_ms", 0)
-    if type(delay) not in (int, float) or delay < 0:
-        raise _BehaviourError(f"delay_ms must be a number >= 0, not {delay!r}")
+    if type(delay) not in (int, float) or not 0 <= delay < math.inf:
+        raise _BehaviourError(f"delay_ms must be a finite number >= 0, not {delay!r}")
     for flag in (*_FLAGS, "hold"):
         if type(raw.get(flag, False)) is not bool:
             raise _BehaviourError(f"{flag} must be true or false, not {raw[flag]!r}")
@@ -175,6 +238,9 @@ def _validate(raw: object) -> dict[str, Any]:
     fail_times = raw.get("fail_times", 0)
     if type(fail_times) is not int or fail_times < 0:
         raise _BehaviourError(f"fail_times must be an integer >= 0, not {fail_times!r}")
+    limit = raw.get("max_in_flight", 1)
+    if type(limit) is not int or limit < 1:
+        raise _BehaviourError(f"max_in_flight must be an integer >= 1, not {limit!r}")
     try:
         json.dumps(raw.get("body"))
     except (TypeError, ValueError) as exc:
@@ -183,36 +249,40 @@ def _validate(raw: object) -> dict[str, Any]:
 
 
 def _response(
+    conn: h11.Connection,
     status: int,
     body: Any = None,
     headers: Mapping[str, object] | None = None,
     *,
-    keep_alive: bool = True,
-    head: bool = False,
+    head_only: bool = False,
+    close: bool = False,
 ) -> bytes:
-    """Serialise a whole response: status line, headers and body."""
+    """A whole response, status line to end of body, framed by h11 (which also adds
+    ``Connection: close`` when the client asked for it)."""
     if body is None:
         body = {"ok": True} if status < 400 else {"error": f"simulated {status}"}
     if isinstance(body, str):
-        content_type, data = "text/plain; charset=utf-8", body.encode()
+        content_type, data = _TEXT, body.encode()
     else:
-        content_type, data = "application/json", json.dumps(body).encode()
-    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}"]
+        content_type, data = _JSON, json.dumps(body).encode()
     extra = headers or {}
+    fields: list[tuple[bytes, bytes]] = []
     if not any(name.lower() == "content-type" for name in extra):
-        lines.append(f"Content-Type: {content_type}")
-    if status in _NO_BODY_STATUSES:
-        data = b""
-    else:
-        lines.append(f"Content-Length: {len(data)}")
-    if not keep_alive:
-        lines.append("Connection: close")
-    lines.extend(f"{name}: {value}" for name, value in extra.items())
-    head_bytes = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    return head_bytes if head else head_bytes + data
-
-
-_OK = {True: _response(200, {"ok": True}), False: _response(200, {"ok": True}, keep_alive=False)}
+        fields.append((b"Content-Type", content_type))
+    if status not in _NO_BODY_STATUSES:
+        fields.append((b"Content-Length", b"%d" % len(data)))
+    if close:
+        fields.append((b"Connection", b"close"))
+    # Names and values were checked against h11's grammar (ASCII) when the behaviour was.
+    fields.extend(
+        (name.encode("ascii"), str(value).encode("ascii")) for name, value in extra.items()
+    )
+    out = conn.send(
+        h11.Response(status_code=status, headers=fields, reason=_REASONS.get(status, b""))
+    )
+    if not head_only and status not in _NO_BODY_STATUSES:
+        out += conn.send(h11.Data(data=data))
+    return out + conn.send(_END)
 
 
 def _decode_body(body: bytes) -> Any:
@@ -224,16 +294,69 @@ def _decode_body(body: bytes) -> Any:
         return body.decode("utf-8", "replace")
 
 
+class _Record:
+    """One received request as the server keeps it; ``answered_at`` is filled in later. The
+    headers stay as h11 parsed them until someone asks: decoding them costs more than the rest
+    of the bookkeeping, and most requests are never looked at one by one."""
+
+    __slots__ = ("answered_at", "body", "fields", "method", "received_at", "target")
+
+    def __init__(
+        self,
+        method: str,
+        target: str,
+        fields: Sequence[tuple[bytes, bytes]],
+        body: bytes,
+        received_at: float,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.fields = fields
+        self.body = body
+        self.received_at = received_at
+        self.answered_at: float | None = None
+
+    def headers(self) -> dict[str, str]:
+        """Names lower-cased (h11 does that), repeated headers joined with ", "."""
+        headers: dict[str, str] = {}
+        for raw_name, raw_value in self.fields:
+            name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        return headers
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "path": self.target,
+            "headers": self.headers(),
+            "body": _decode_body(self.body),
+            "received_at": self.received_at,
+            "answered_at": self.answered_at,
+        }
+
+
+class _Counts:
+    """One function's counts: requests since reset, in flight now, peak since reset."""
+
+    __slots__ = ("in_flight", "peak", "requests")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.in_flight = 0
+        self.peak = 0
+
+
 class _Server:
     """The stand-in's state and connection handler; lives in the server process."""
 
     def __init__(self, delay_ms: float, *, record: bool = True) -> None:
         self.delay_ms = delay_ms
         self.record = record
-        self.received: list[tuple[str, str, dict[str, str], bytes]] = []
+        self.received: list[_Record] = []
         self.functions: dict[str, dict[str, Any]] = {}
         self.default: dict[str, Any] | None = None
         self.seen: dict[str | None, int] = {}
+        self.counts: dict[str, _Counts] = {}
         self.writers: set[asyncio.StreamWriter] = set()
         self.count = 0  # function requests since start or the last reset (recorded or not)
         self.arrived = asyncio.Condition()  # notified on each request while someone waits
@@ -246,139 +369,174 @@ class _Server:
         self.functions.clear()
         self.default = None
         self.count = 0
+        # Calls still in flight stay counted (they will leave); everything else starts again.
+        self.counts = {name: c for name, c in self.counts.items() if c.in_flight}
+        for counts in self.counts.values():
+            counts.requests = 0
+            counts.peak = counts.in_flight
         self.released.set()  # calls held until now answer; later ones are held again
         self.released = asyncio.Event()
 
+    # -- connections -------------------------------------------------------------------------
+
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One connection: requests in turn until either side closes (h11 decides keep-alive)."""
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
         self.writers.add(writer)
         try:
-            while await self._one_request(reader, writer):
-                pass
-        except (ConnectionError, asyncio.IncompleteReadError):
+            while (request := await self._read_request(conn, reader, writer)) is not None:
+                if not await self._answer(conn, reader, writer, request):
+                    break
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    break  # Connection: close from either side, or HTTP/1.0
+                conn.start_next_cycle()
+        except h11.RemoteProtocolError as exc:
+            if not reader.at_eof():  # a client that went away mid-request gets no answer
+                self._refuse(conn, writer, exc.error_status_hint, str(exc))
+        except ConnectionError:
             pass  # the client went away
         except Exception as exc:  # a bug here must not kill the server; say so and move on
             print(f"stand-in: internal error: {exc!r}", file=sys.stderr, flush=True)
-            with contextlib.suppress(Exception):
-                writer.write(_response(500, {"error": repr(exc)}, keep_alive=False))
+            self._refuse(conn, writer, 500, repr(exc))
         finally:
             self.writers.discard(writer)
             writer.close()
 
-    async def _one_request(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> bool:
-        """Read and answer one request; return whether to keep the connection open."""
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError:
-            return False  # closed between requests: the normal end of a keep-alive connection
-        except asyncio.LimitOverrunError:
-            writer.write(_response(431, {"error": "request head too large"}, keep_alive=False))
-            return False
-        lines = head.decode("latin-1").split("\r\n")
-        request_line = lines[0].split(" ")
-        if len(request_line) != 3 or not request_line[2].startswith("HTTP/1."):
-            writer.write(_response(400, {"error": "bad request line"}, keep_alive=False))
-            return False
-        method, target, version = request_line
-        headers: dict[str, str] = {}
-        for line in lines[1:-2]:
-            name, colon, value = line.partition(":")
-            if not colon:
-                writer.write(_response(400, {"error": "bad header line"}, keep_alive=False))
-                return False
-            name = name.strip().lower()
-            value = value.strip()
-            headers[name] = f"{headers[name]}, {value}" if name in headers else value
-        if "transfer-encoding" in headers:
-            writer.write(_response(501, {"error": "send a Content-Length"}, keep_alive=False))
-            return False
-        body = b""
-        length = headers.get("content-length")
-        if length:
-            if not length.isdigit():
-                writer.write(_response(400, {"error": "bad Content-Length"}, keep_alive=False))
-                return False
-            body = await reader.readexactly(int(length))
-        connection = headers.get("connection", "").lower()
-        if version == "HTTP/1.1":
-            keep_alive = "close" not in connection
-        else:
-            keep_alive = "keep-alive" in connection
-        if target.startswith(CONTROL_PREFIX + "wait") and method == "GET":
-            writer.write(await self._wait(target, keep_alive=keep_alive))
-            await writer.drain()
-            return keep_alive
-        if target.startswith(CONTROL_PREFIX):
-            writer.write(self._control(method, target, body, keep_alive=keep_alive))
-            await writer.drain()
-            return keep_alive
-        return await self._function(
-            reader, writer, method, target, headers=headers, body=body, keep_alive=keep_alive
-        )
+    @staticmethod
+    async def _read_request(
+        conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> tuple[h11.Request, bytes, float] | None:
+        """The next request with its whole body and the time its head was complete; ``None``
+        when the client closed the connection between requests."""
+        request: h11.Request | None = None
+        received_at = 0.0
+        chunks: list[bytes] = []
+        if not conn.trailing_data[0]:  # nothing buffered: h11 can only ask for more, so read
+            conn.receive_data(await reader.read(READ_BYTES))
+        while True:
+            event = conn.next_event()
+            if isinstance(event, h11.Data):
+                chunks.append(event.data)
+            elif isinstance(event, h11.EndOfMessage) and request is not None:
+                return request, b"".join(chunks), received_at
+            elif isinstance(event, h11.Request):
+                request = event
+                received_at = time.time()
+            elif event is h11.NEED_DATA:
+                if conn.client_is_waiting_for_100_continue:
+                    writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+                conn.receive_data(await reader.read(READ_BYTES))
+            else:  # ConnectionClosed; PAUSED cannot happen: each cycle ends before the next read
+                return None
 
-    async def _function(
+    @staticmethod
+    def _refuse(
+        conn: h11.Connection, writer: asyncio.StreamWriter, status: int, message: str
+    ) -> None:
+        """Answer a request that cannot be served, if an answer can still be sent."""
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return  # part of an answer is out already: closing is all that is left
+        with contextlib.suppress(Exception):
+            writer.write(_response(conn, status, {"error": message}, close=True))
+
+    async def _answer(
         self,
+        conn: h11.Connection,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        method: str,
-        target: str,
-        *,
-        headers: dict[str, str],
-        body: bytes,
-        keep_alive: bool,
+        received: tuple[h11.Request, bytes, float],
     ) -> bool:
+        """Answer one request; return whether the connection may serve another."""
+        request, body, received_at = received
+        method = request.method.decode("ascii")
+        target = request.target.decode("ascii")  # h11 accepts only ASCII targets
+        if target.startswith(CONTROL_PREFIX):
+            if method == "GET" and target.partition("?")[0] == CONTROL_PREFIX + "wait":
+                status, document = await self._wait(target)
+            else:
+                status, document = self._control(method, target, body)
+            writer.write(_response(conn, status, document, head_only=method == "HEAD"))
+            await writer.drain()
+            return True
+        record = _Record(method, target, request.headers, body, received_at)
         if self.record:
-            self.received.append((method, target, headers, body))
+            self.received.append(record)
         self.count += 1
         if self.waiters:
             async with self.arrived:
                 self.arrived.notify_all()
-        head_only = method == "HEAD"
+        function = _function_name(target)
+        counts = self.counts.get(function)
+        if counts is None:
+            counts = self.counts[function] = _Counts()
+        counts.requests += 1
+        counts.in_flight += 1
+        counts.peak = max(counts.peak, counts.in_flight)
         try:
-            behaviour = self._resolve(target, headers, body)
+            answer = await self._function(conn, reader, record, counts, head_only=method == "HEAD")
+        finally:
+            # Out of flight before the answer goes out: whoever has the answer sees the count
+            # without it.
+            counts.in_flight -= 1
+        if answer is None:  # hang: never answered, and the client has gone
+            return False
+        data, keep_alive = answer
+        record.answered_at = time.time()  # before the write: never later than the client has it
+        writer.write(data)  # nothing at all for `close`
+        await writer.drain()
+        return keep_alive
+
+    async def _function(
+        self,
+        conn: h11.Connection,
+        reader: asyncio.StreamReader,
+        record: _Record,
+        counts: _Counts,
+        *,
+        head_only: bool,
+    ) -> tuple[bytes, bool] | None:
+        """What to write for a function request and whether the connection stays open (``b""``
+        and ``False``: close without answering); ``None`` for ``hang``, once the client left."""
+        try:
+            behaviour = self._resolve(record)
         except _BehaviourError as exc:
-            writer.write(
-                _response(400, {"error": f"stand-in: {exc}"}, keep_alive=keep_alive, head=head_only)
-            )
-            await writer.drain()
-            return keep_alive
+            return _response(conn, 400, {"error": f"stand-in: {exc}"}, head_only=head_only), True
         if behaviour is None:  # the common, fast path
             if self.delay_ms > 0:
                 await asyncio.sleep(self.delay_ms / 1000)
-            writer.write(
-                _response(200, head=True, keep_alive=keep_alive) if head_only else _OK[keep_alive]
-            )
-            await writer.drain()
-            return keep_alive
+            return self._ok(conn, head_only=head_only), True
+        limit = behaviour.get("max_in_flight")
+        if limit is not None and counts.in_flight > limit:
+            error = {"error": f"stand-in: more than {limit} requests in flight"}
+            return _response(conn, 429, error, behaviour.get("headers"), head_only=head_only), True
         if behaviour.get("hold"):
             await self.released.wait()
         if behaviour.get("hang"):
-            while await reader.read(65536):
+            while await reader.read(READ_BYTES):
                 pass  # drain whatever the client sends until it goes away
-            return False
+            return None
         delay = behaviour.get("delay_ms", self.delay_ms)
         if delay > 0:
             await asyncio.sleep(delay / 1000)
         if behaviour.get("garbage"):
-            writer.write(_GARBAGE)
-            await writer.drain()
-            return False
+            return _GARBAGE, False  # not HTTP on purpose (a broken server), so not through h11
         if behaviour.get("close"):
-            return False
-        writer.write(
-            _response(
-                behaviour.get("status", 200),
-                behaviour.get("body"),
-                behaviour.get("headers"),
-                keep_alive=keep_alive,
-                head=head_only,
-            )
-        )
-        await writer.drain()
-        return keep_alive
+            return b"", False
+        status = behaviour.get("status", 200)
+        body, headers = behaviour.get("body"), behaviour.get("headers")
+        if status == 200 and body is None and not headers:
+            return self._ok(conn, head_only=head_only), True
+        return _response(conn, status, body, headers, head_only=head_only), True
 
-    def _resolve(self, target: str, headers: dict[str, str], body: bytes) -> dict[str, Any] | None:
+    @staticmethod
+    def _ok(conn: h11.Connection, *, head_only: bool) -> bytes:
+        """The plain ``200 {"ok": true}``, from the prebuilt events."""
+        if head_only:
+            return conn.send(_OK_HEAD) + conn.send(_END)
+        return conn.send(_OK_HEAD) + conn.send(_OK_BODY) + conn.send(_END)
+
+    def _resolve(self, record: _Record) -> dict[str, Any] | None:
+        body = record.body
         behaviour: dict[str, Any] | None = None
         if b'"simulate"' in body:  # cheap test first: most bodies carry no simulate
             try:
@@ -389,63 +547,61 @@ class _Server:
             if isinstance(payload, dict) and "simulate" in payload:
                 behaviour = _validate(payload["simulate"])
         if behaviour is None:
-            behaviour = self.functions.get(_function_name(target), self.default)
+            behaviour = self.functions.get(_function_name(record.target), self.default)
             if behaviour is None:
                 return None
         if "fail_times" in behaviour:
-            key = headers.get("idempotency-key")
+            key = record.headers().get("idempotency-key")
             count = self.seen.get(key, 0) + 1
             self.seen[key] = count
             if count > behaviour["fail_times"]:
                 return None
         return behaviour
 
-    def _requests_document(self) -> list[dict[str, Any]]:
-        return [
-            {"method": m, "path": p, "headers": h, "body": _decode_body(b)}
-            for m, p, h, b in self.received
-        ]
+    # -- control -----------------------------------------------------------------------------
 
-    async def _wait(self, target: str, *, keep_alive: bool) -> bytes:
+    def _requests_document(self) -> list[dict[str, Any]]:
+        return [record.document() for record in self.received]
+
+    def _stats_document(self) -> dict[str, Any]:
+        return {
+            "functions": {
+                name: {"requests": c.requests, "in_flight": c.in_flight, "peak_in_flight": c.peak}
+                for name, c in sorted(self.counts.items())
+            }
+        }
+
+    async def _wait(self, target: str) -> tuple[int, Any]:
         """GET /__standin/wait?count=N&timeout=S: answers once N requests have arrived since
         the last reset (woken by each arrival, no polling), or 408 after S seconds."""
-        action, _, query = target.partition("?")
-        if action != CONTROL_PREFIX + "wait":
-            return _response(404, {"error": f"no GET {target}"}, keep_alive=keep_alive)
-        params = parse_qs(query)
+        params = parse_qs(target.partition("?")[2])
         try:
             count = int(params.get("count", ["1"])[-1])
             timeout = float(params.get("timeout", ["30"])[-1])
         except ValueError:
             count, timeout = -1, math.nan
         if count < 0 or not math.isfinite(timeout) or timeout <= 0:
-            return _response(
-                400,
-                {"error": "wait needs count >= 0 and a finite timeout > 0 (seconds)"},
-                keep_alive=keep_alive,
-            )
+            return 400, {"error": "wait needs count >= 0 and a finite timeout > 0 (seconds)"}
         self.waiters += 1
         try:
             async with asyncio.timeout(timeout), self.arrived:
                 await self.arrived.wait_for(lambda: self.count >= count)
         except TimeoutError:
-            return _response(
-                408,
-                {
-                    "error": f"{self.count} of {count} requests arrived in {timeout:g} s",
-                    "received": self.count,
-                },
-                keep_alive=keep_alive,
-            )
+            return 408, {
+                "error": f"{self.count} of {count} requests arrived in {timeout:g} s",
+                "received": self.count,
+            }
         finally:
             self.waiters -= 1
-        return _response(200, self._requests_document(), keep_alive=keep_alive)
+        return 200, self._requests_document()
 
-    def _control(self, method: str, target: str, body: bytes, *, keep_alive: bool) -> bytes:
+    def _control(self, method: str, target: str, body: bytes) -> tuple[int, Any]:
         action = target.partition("?")[0].removeprefix(CONTROL_PREFIX)
         try:
             if (method, action) == ("GET", "requests"):
                 result: Any = self._requests_document()
+            elif (method, action) == ("GET", "stats"):
+                result = self._stats_document()
             elif (method, action) == ("POST", "reset"):
                 self._reset()
                 result = {"ok": True}
@@ -457,10 +613,10 @@ class _Server:
             elif (method, action) == ("GET", "config"):
                 result = {"functions": self.functions, "default": self.default}
             else:
-                return _response(404, {"error": f"no {method} {target}"}, keep_alive=keep_alive)
+                return 404, {"error": f"no {method} {target}"}
         except (_BehaviourError, ValueError) as exc:
-            return _response(400, {"error": str(exc)}, keep_alive=keep_alive)
-        return _response(200, result, keep_alive=keep_alive)
+            return 400, {"error": str(exc)}
+        return 200, result
 
     def _configure(self, request: object) -> dict[str, Any]:
         if not isinstance(request, dict) or not {"function", "behaviour"} <= set(request):
@@ -524,7 +680,7 @@ async def _run(
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the stand-in in the foreground until interrupted."""
     parser = argparse.ArgumentParser(
-        prog="python -m handler.standin",
+        prog="python -m handler.local.standin",
         description="A local HTTP server standing in for the queue-worker's HTTP functions.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
@@ -692,6 +848,19 @@ class StandIn:
             raise TimeoutError(f"stand-in: {message}")
         self._check(status, result, data, "GET", "wait")
         return [ReceivedRequest(**item) for item in result]
+
+    def stats(self) -> dict[str, FunctionStats]:
+        """Per function: requests since start or the last reset, in flight now, and the peak in
+        flight (see ``GET /__standin/stats``)."""
+        document = self._call("GET", "stats")
+        return {
+            name: FunctionStats(
+                requests=counts["requests"],
+                in_flight=counts["in_flight"],
+                peak_in_flight=counts["peak_in_flight"],
+            )
+            for name, counts in document["functions"].items()
+        }
 
     def release(self) -> None:
         """Let every call held by a ``hold`` behaviour answer, and later ones too, until the

@@ -214,6 +214,17 @@ def test_many_concurrent_clients(standin: StandIn) -> None:
     assert keys == {f"job-{n}" for n in range(200)}
 
 
+def test_pipelined_requests_are_answered_in_order(standin: StandIn) -> None:
+    requests = raw_post("first", job("job-1")) + raw_post(
+        "second", job("job-2"), extra="Connection: close\r\n"
+    )
+
+    answer = raw_exchange(standin, requests)  # both at once, before any answer
+
+    assert answer.count(b"HTTP/1.1 200 OK\r\n") == 2
+    assert [r.path for r in standin.requests()] == ["/first", "/second"]
+
+
 def test_head_gets_the_headers_of_a_post_and_no_body(standin: StandIn) -> None:
     connection = http.client.HTTPConnection("127.0.0.1", standin.port, timeout=TIMEOUT_S)
     try:

@@ -184,7 +184,8 @@ class FunctionStats:
     requests: int
     """Requests received since start or the last reset, recorded or not."""
     in_flight: int
-    """Requests being handled now (delayed, held, hanging, or being answered)."""
+    """Requests being handled now (delayed, held, hanging); one leaves just before its answer
+    goes out."""
     peak_in_flight: int
     """The most requests handled at once since start or the last reset, counting those that
     ``max_in_flight`` answered 429."""
@@ -217,7 +218,7 @@ def _validate(raw: object) -> dict[str, Any]:
         raise _BehaviourError(f"status must be an integer in 200..599, not {status!r}")
     headers = raw.get("headers", {})
     if not isinstance(headers, dict) or not all(
-        isinstance(k, str) and type(v) in (str, int, float) for k, v in headers.items()
+        isinstance(k, str) and isinstance(v, str | int | float) for k, v in headers.items()
     ):
         raise _BehaviourError(f"headers must map names to strings, not {headers!r}")
     for name, value in headers.items():

@@ -392,7 +392,7 @@ class _Server:
                     break  # Connection: close from either side, or HTTP/1.0
                 conn.start_next_cycle()
         except h11.RemoteProtocolError as exc:
-            if not reader.at_eof():  # a client that went away mid-request gets no answer
+            if not conn.trailing_data[1]:  # a client that went away mid-request gets no answer
                 self._refuse(conn, writer, exc.error_status_hint, str(exc))
         except ConnectionError:
             pass  # the client went away

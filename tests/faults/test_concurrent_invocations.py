@@ -80,3 +80,50 @@ def test_ten_invocations_at_once_send_each_job_exactly_once(
     assert all(s.completed == s.claimed for s in drained)
     assert account(conn, jobs) == {"completed": len(jobs)}
     assert sent(standin) == dict.fromkeys(jobs, 1)
+
+
+@pytest.mark.slow
+def test_ten_invocations_in_rounds_at_once_send_each_job_exactly_once(
+    conn: pg8000.native.Connection, standin: StandIn, make_worker: Callable[..., Worker]
+) -> None:
+    jobs = [
+        job
+        for _ in range(TENANTS)
+        for job in enqueue_many(conn, uuid.uuid4(), "process_embeddings", JOBS_PER_TENANT)
+    ]
+    env = {
+        "max_jobs_per_tenant": str(PER_TENANT_CAP),
+        "idempotency_store": "off",
+        "run_mode": "rounds",
+        "max_concurrency": "20",
+    }
+    workers = [make_worker(**env) for _ in range(INVOCATIONS)]
+    start = threading.Barrier(INVOCATIONS)
+    summaries: list[Summary | BaseException] = [RuntimeError("did not run")] * INVOCATIONS
+
+    def invoke(n: int) -> None:
+        try:
+            start.wait()
+            summaries[n], _ = workers[n].run(
+                parse_event({}), remaining_seconds=120, request_id=f"rounds-{n}"
+            )
+        except BaseException as exc:
+            summaries[n] = exc
+
+    # When 10 invocations in rounds start at the same moment (each runs until nothing is due)
+    threads = [threading.Thread(target=invoke, args=(n,)) for n in range(INVOCATIONS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    done = [s for s in summaries if isinstance(s, Summary)]
+    assert len(done) == INVOCATIONS, [s for s in summaries if not isinstance(s, Summary)]
+
+    # Then they shared the work, and every job was claimed once, sent once and completed
+    assert sum(1 for s in done if s.claimed) > 1
+    assert sum(s.claimed for s in done) == len(jobs)
+    for summary in done:
+        assert summary.completed == summary.claimed
+        assert (summary.rescued, summary.stale, summary.unsettled) == (0, 0, 0)
+    assert account(conn, jobs) == {"completed": len(jobs)}
+    assert sent(standin) == dict.fromkeys(jobs, 1)

@@ -116,8 +116,12 @@ def restartable_server() -> Iterator[RestartableServer]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("run_mode", ["batch", "rounds"])
 def test_postgresql_restarted_mid_batch(
-    restartable_server: RestartableServer, standin: StandIn, worker_env: dict[str, str]
+    restartable_server: RestartableServer,
+    standin: StandIn,
+    worker_env: dict[str, str],
+    run_mode: str,
 ) -> None:
     url = restartable_server.url
     settings = connection.parse_database_url(url)
@@ -127,7 +131,9 @@ def test_postgresql_restarted_mid_batch(
     [[started_before]] = conn.run("SELECT pg_postmaster_start_time()")
     conn.close()
     standin.configure("process-embeddings", {"hold": True})
-    worker = Worker(settings_for(worker_env, database_url=url, http_timeout_seconds="30"))
+    worker = Worker(
+        settings_for(worker_env, database_url=url, http_timeout_seconds="30", run_mode=run_mode)
+    )
     try:
         # When the server restarts while all 20 calls are in flight
         summary = run_while_held(worker, standin, len(jobs), restartable_server.restart)

@@ -40,12 +40,14 @@ HUNG = 10
 FAST = 30
 
 
+@pytest.mark.parametrize("run_mode", ["batch", "rounds"])
 def test_a_worker_killed_mid_batch_loses_nothing_and_repeats_only_calls_in_flight(
     conn: pg8000.native.Connection,
     standin: StandIn,
     worker_env: dict[str, str],
     run_batch: RunBatch,
     tmp_path: Path,
+    run_mode: str,
 ) -> None:
     # Given 40 due jobs, 10 of them for a function that never answers
     tenant = uuid.uuid4()
@@ -56,7 +58,15 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_repeats_only_calls_in_fligh
 
     # When `queue-worker run` has sent all 40 and is SIGKILLed while 10 calls hang
     log = tmp_path / "worker.log"
-    env = os.environ | worker_env | {"HTTP_TIMEOUT_SECONDS": "30", "MAX_JOBS_PER_TENANT": "100"}
+    env = (
+        os.environ
+        | worker_env
+        | {
+            "HTTP_TIMEOUT_SECONDS": "30",
+            "MAX_JOBS_PER_TENANT": "100",
+            "RUN_MODE": run_mode,
+        }
+    )
     with log.open("wb") as output:
         worker = subprocess.Popen(
             [sys.executable, "-m", "handler.local.cli", "run", "--budget", "60"],

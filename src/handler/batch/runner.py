@@ -157,43 +157,16 @@ class BatchRunner:
 
     def _loop(self, run: _Run, linger: Linger | None) -> None:
         limits = run.limits
-        last_flush = time.monotonic()
-        last_states = time.monotonic()
-        claim_wanted = True
+        interval = ROUND_SETTLE_SECONDS if limits.rounds else SETTLE_INTERVAL_SECONDS
+        last_flush = last_states = time.monotonic()
         last_empty_claim = -1e9
+        claim_wanted = True
         while True:
             seen = run.generation
             now = time.monotonic()
-            can_start = run.budget.call_timeout(limits.http_timeout) is not None
             outstanding = run.outstanding
-            free = limits.max_concurrency - outstanding
-            taken = run.summary.claimed
-            wants_more = (
-                can_start
-                and not run.lanes_failed
-                and (run.summary.rounds == 0 or limits.rounds)
-                and taken < limits.max_total
-                and free > 0
-                and (
-                    claim_wanted
-                    or now - last_empty_claim >= EMPTY_CLAIM_RETRY_SECONDS
-                    or outstanding == 0
-                )
-                and (
-                    free >= max(1.0, limits.max_concurrency * ROUND_CLAIM_SHARE) or outstanding == 0
-                )
-            )
-            if wants_more:
-                size = min(limits.max_jobs, free if limits.rounds else limits.max_jobs)
-                size = min(size, limits.max_total - taken)
-                got = self._claim(run, size)
-                claim_wanted = got > 0
-                if got == 0:
-                    last_empty_claim = now
-                continue
-
-            interval = ROUND_SETTLE_SECONDS if limits.rounds else SETTLE_INTERVAL_SECONDS
-            if run.buffer.buffered and (now - last_flush >= interval or run.outstanding == 0):
+            # 1. Settle what is due (all of it once nothing is in flight).
+            if run.buffer.buffered and (now - last_flush >= interval or outstanding == 0):
                 recorded = run.buffer.flush()
                 last_flush = now
                 if recorded.get("completed"):
@@ -202,25 +175,45 @@ class BatchRunner:
             if limits.rounds and now - last_states >= FUNCTION_STATES_SECONDS:
                 self._save_function_states(run)
                 last_states = now
-
-            if run.outstanding == 0 and not run.buffer.buffered:
+            # 2. Claim: once in a single batch; in rounds, when lanes are free and there may be
+            # something to claim (the last claim found jobs, a settle completed some, or a while
+            # has passed since a claim found nothing).
+            can_start = run.budget.call_timeout(limits.http_timeout) is not None
+            free = limits.max_concurrency - outstanding
+            taken = run.summary.claimed
+            if (
+                can_start
+                and not run.lanes_failed
+                and (run.summary.rounds == 0 or limits.rounds)
+                and taken < limits.max_total
+                and free > 0
+                and (claim_wanted or now - last_empty_claim >= EMPTY_CLAIM_RETRY_SECONDS)
+                and (free >= limits.max_concurrency * ROUND_CLAIM_SHARE or outstanding == 0)
+            ):
+                size = free if limits.rounds else limits.max_jobs
+                got = self._claim(run, min(size, limits.max_jobs, limits.max_total - taken))
+                claim_wanted = got > 0
+                if not got:
+                    last_empty_claim = now
+                continue
+            # 3. Nothing in flight and nothing to settle: done, or (rounds) linger for new work.
+            if outstanding == 0 and not run.buffer.buffered:
                 if not limits.rounds or not can_start or taken >= limits.max_total:
                     return
-                if run.summary.rounds and not claim_wanted:
-                    # Nothing due and nothing in flight: linger for new work, or return.
-                    if linger is None:
-                        return
-                    started = time.monotonic()
-                    due = linger.wait(run.budget)
-                    run.summary.lingered_ms += int((time.monotonic() - started) * 1000)
-                    if not due:
-                        return
-                    claim_wanted = True
-                    continue
+                if linger is None:
+                    return
+                started = time.monotonic()
+                due = linger.wait(run.budget)
+                run.summary.lingered_ms += int((time.monotonic() - started) * 1000)
+                if not due:
+                    return
+                claim_wanted = True
+                continue
+            # 4. Wait for a lane to finish something (or for the next flush).
             if limits.rounds:
                 timeout = ROUND_SETTLE_SECONDS
-            else:  # until the next flush is due
-                timeout = max(0.001, SETTLE_INTERVAL_SECONDS - (time.monotonic() - last_flush))
+            else:
+                timeout = max(0.001, interval - (time.monotonic() - last_flush))
             run.wait_for_change(timeout, seen)
 
     def _claim(self, run: _Run, size: int) -> int:

@@ -903,13 +903,19 @@ LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = ''
 AS $$
+DECLARE
+    v_previous text;
 BEGIN
+    SELECT l.worker_id INTO v_previous FROM queue_worker.queue_linger l WHERE l.id = 1 FOR UPDATE;
     UPDATE queue_worker.queue_linger l
     SET worker_id = p_worker_id, started_at = p_started_at,
         until = now() + make_interval(secs => greatest(p_seconds, 0))
     WHERE l.id = 1
       AND (l.worker_id IS NULL OR l.worker_id = p_worker_id OR l.until < now()
            OR l.started_at <= p_started_at);
+    IF FOUND AND v_previous IS DISTINCT FROM p_worker_id AND v_previous IS NOT NULL THEN
+        PERFORM pg_notify('queue_worker_due', 'linger');  -- the previous one: poll now, and stop
+    END IF;
     RETURN FOUND;
 END;
 $$;

@@ -289,7 +289,7 @@ def report(summary: Summary, backlog: Backlog) -> None:
     )
     emit_counts({"BatchDuration": summary.duration_ms}, unit=MetricUnit.Milliseconds)
     emit_counts({"OldestJobAgeSeconds": backlog.oldest_age_seconds}, unit=MetricUnit.Seconds)
-    emit_per_function(summary.latency_ms, summary.responses)
+    emit_per_function(summary.latency_ms, summary.responses, summary.concurrency_limits)
     logger.info(
         "Batch finished",
         extra={

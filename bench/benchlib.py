@@ -25,7 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# The default routes (DESIGN section 3): job type -> function.
+# The default routes : job type -> function.
 ROUTES = {
     "ingest_microsoft": "ingest-microsoft",
     "ingest_slack": "ingest-slack",

@@ -279,7 +279,7 @@ def count_pg8000_statements(clock: Clock) -> None:
 
 
 def body_bytes(job_id: str, tenant: str, job_type: str, attempt: int, payload: Any) -> bytes:
-    """The worker's request body (DESIGN section 3), for every contender alike."""
+    """The worker's request body, for every contender alike."""
     return json.dumps(
         {
             "job_id": job_id,

@@ -1,4 +1,4 @@
-"""A dispatch that succeeded but whose settlement was lost is not sent again (DESIGN section 6)."""
+"""A dispatch that succeeded but whose settlement was lost is not sent again (docs/adr/0003-idempotency-guard.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Every row of the outcome table (DESIGN section 3), end to end: a real batch, a real HTTP
+"""Every row of the outcome table (the README's "What each answer does"), end to end: a real batch, a real HTTP
 server answering as told, the job's state read back from PostgreSQL."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""parse_settings: the environment of DESIGN section 4, validated once, every error naming its
+"""parse_settings: the environment of the README's configuration table, validated once, every error naming its
 variable and never showing a secret; and the libpq URL forms DATABASE_URL takes."""
 
 from __future__ import annotations

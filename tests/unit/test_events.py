@@ -1,4 +1,4 @@
-"""parse_event: the three invocation shapes of DESIGN section 5, and an error naming the field
+"""parse_event: the three invocation shapes, and an error naming the field
 for anything else, raised before any job is touched."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""classify_response / classify_network_error: DESIGN section 3's outcome table, row by row, and
+"""classify_response / classify_network_error: the README's outcome table, row by row, and
 the properties that hold for any answer a function can give."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""parse_routes: the default routes of DESIGN section 3, JOB_ROUTES overrides, and only plain
+"""parse_routes: the default routes, JOB_ROUTES overrides, and only plain
 path segments as function names."""
 
 from __future__ import annotations

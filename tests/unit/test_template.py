@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "template.yaml"
 FUNCTION = "QueueWorkerFunction"
 
-# Every variable the handler documents (DESIGN section 4), plus fan-out and Powertools' own.
+# Every variable the handler documents (the README's configuration table), plus fan-out and Powertools' own.
 DOCUMENTED_VARIABLES = frozenset(
     {
         "DATABASE_URL",

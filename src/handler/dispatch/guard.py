@@ -242,7 +242,7 @@ def _idempotency_data(job: ClaimedJob) -> dict[str, Any]:
 
 
 def _job_fields(job: ClaimedJob) -> dict[str, Any]:
-    """What every log line about a job carries (DESIGN section 7), as batch.py's lines do."""
+    """What every log line about a job carries (docs/architecture.md, Observability), as the runner's lines do."""
     return {
         "job_id": str(job.id),
         "tenant_id": str(job.tenant_id),

@@ -1,4 +1,4 @@
-"""What a function's answer means for the job: DESIGN section 3's outcome table, as a pure function.
+"""What a function's answer means for the job: the README's outcome table, as a pure function.
 
 Messages are the seed's, verbatim, so that existing dashboards and runbooks keep matching.
 """

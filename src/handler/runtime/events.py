@@ -1,4 +1,4 @@
-"""The invocation events we accept (DESIGN section 5), parsed before any job is touched.
+"""The invocation events we accept (the README's "Invocation events"), parsed before any job is touched.
 
 - an EventBridge rule event ("detail-type": "Scheduled Event"): overrides may sit in `detail`;
 - an EventBridge Scheduler input or a direct invoke: a JSON object with optional keys.

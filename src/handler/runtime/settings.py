@@ -1,4 +1,4 @@
-"""Configuration from the environment (DESIGN section 4), read and validated once per container.
+"""Configuration from the environment (the README's configuration table), read and validated once per container.
 
 `parse_settings` is a pure function of the environment mapping, so every rule is unit-tested;
 secrets named by *_SECRET_ARN are fetched later, on first use, through Powertools Parameters.

@@ -79,3 +79,30 @@ def test_with_idempotency_off_a_lost_settlement_means_a_second_delivery(
     second, _ = run_batch(idempotency_store="off")
     assert second.replayed == 0
     assert [r.headers["idempotency-key"] for r in standin.requests()] == [str(job), str(job)]
+
+
+@pytest.mark.usefixtures("lose_first_settlement")
+def test_a_last_attempt_that_was_answered_2xx_is_completed_not_dead_lettered(
+    queue: QueueStore, run_batch: RunBatch, standin: StandIn, conn: pg8000.native.Connection
+) -> None:
+    # Given jobs on their last attempt whose functions answered 2xx (one of them 500), and whose
+    # settlement never reached the database: as if the worker had died right after the calls
+    tenant = uuid.uuid4()
+    answered = [queue.enqueue(tenant, "ingest_slack", {"n": n}, max_attempts=1) for n in range(3)]
+    failed = queue.enqueue(tenant, "ingest_slack", {"simulate": {"status": 500}}, max_attempts=1)
+    first, _ = run_batch()
+    assert (first.claimed, first.unsettled) == (4, 4)
+
+    # When their leases expire and the next batch finds them (the lease expired during their
+    # last attempt)
+    expire_leases(conn)
+    second, _ = run_batch()
+
+    # Then the answered ones are completed from their idempotency records, without a call, and
+    # only the one that had failed (no record) is dead-lettered
+    assert (second.claimed, second.replayed, second.completed, second.dead_lettered) == (4, 3, 3, 1)
+    assert len(standin.requests()) == 4  # no second call
+    assert conn.run("SELECT status, count(*) FROM queue_jobs GROUP BY 1") == [["completed", 3]]
+    [[reason]] = conn.run("SELECT reason FROM queue_jobs_dead_letter")
+    assert reason == "Exhausted 1 attempts: the lease expired during the last one"
+    assert failed not in answered

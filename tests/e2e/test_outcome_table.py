@@ -256,3 +256,21 @@ def test_an_answer_with_nul_and_control_bytes_is_recorded_without_breaking_the_b
         assert state["attempts"] == 1
         assert "\x00" not in state["last_error"]
     assert job_state(conn, binary)["last_error"].startswith("Function execution failed: 500 bad")
+
+
+@pytest.mark.parametrize(("status", "outcome"), [(500, "pending"), (422, "dead")])
+def test_without_an_idempotency_store_a_failed_answer_is_its_outcome_too(
+    queue: QueueStore,
+    run_batch: RunBatch,
+    conn: pg8000.native.Connection,
+    status: int,
+    outcome: str,
+) -> None:
+    # (The guarded call raises for a failed answer so that Powertools forgets it; unguarded, the
+    # answer must still be recorded as it is, not taken for an unexpected failure.)
+    job = queue.enqueue(uuid.uuid4(), "ingest_slack", {"simulate": {"status": status}})
+    summary, _ = run_batch(idempotency_store="off")
+    assert (summary.released, summary.retried + summary.dead_lettered) == (0, 1)
+    state = job_state(conn, job)
+    assert ("dead" if state["dead"] else state["status"]) == outcome
+    assert state["attempts"] == 1

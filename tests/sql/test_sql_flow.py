@@ -369,3 +369,22 @@ def test_tenant_limits_are_checked(queue: Queue) -> None:
     ):
         with queue.rejects("22023", words):
             queue.store.set_tenant_limits(uuid.uuid4(), **kwargs)
+
+
+def test_a_claim_takes_no_more_of_a_function_than_its_room_and_the_others_instead(
+    queue: Queue,
+) -> None:
+    queue.store.record_routes(
+        {"ingest_slack": {"function": "ingest-slack"}, "process_embeddings": {"function": "emb"}}
+    )
+    tenant = uuid.uuid4()
+    enqueue_many(queue, tenant, 20)
+    enqueue_many(queue, tenant, 5, job_type="process_embeddings")
+    jobs = claim(queue, room={"ingest-slack": 3})
+    assert Counter(j.job_type for j in jobs) == {"ingest_slack": 3, "process_embeddings": 5}
+    # the rest are left as they were: due, no attempt, not held
+    rows = queue.conn.run(
+        "SELECT count(*) FROM queue_jobs WHERE status = 'pending' AND scheduled_at <= now()"
+        " AND held_reason IS NULL AND attempts = 0"
+    )
+    assert rows == [[17]]

@@ -216,6 +216,18 @@ class BatchRunner:
                 timeout = max(0.001, interval - (time.monotonic() - last_flush))
             run.wait_for_change(timeout, seen)
 
+    def _room(self, run: _Run) -> dict[str, int]:
+        """How many more jobs each routed function can take soon: up to WAITING_PER_SLOT times
+        its limit in flight or waiting. A round claims no more of a function than that, so that
+        jobs of a function at its limit are not claimed only to wait."""
+        room = {}
+        with run.lock:
+            for function in {route.function for route in self._routes.values()}:
+                limit = run.functions.of(function)
+                busy = limit.in_flight + len(run.waiting.get(function, ()))
+                room[function] = max(0, int(limit.limit) * WAITING_PER_SLOT - busy)
+        return room
+
     def _claim(self, run: _Run, size: int) -> int:
         limits = run.limits
         jobs = self._store.claim(
@@ -228,6 +240,7 @@ class BatchRunner:
             shards=limits.shards,
             claim_round=run.summary.rounds,
             defer_exhausted=limits.defer_exhausted,
+            room=self._room(run) if limits.rounds else None,
         )
         run.summary.rounds += 1
         run.summary.claimed += len(jobs)

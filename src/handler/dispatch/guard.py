@@ -128,9 +128,10 @@ class DeliveryGuard:
 
     def _deliver(self, call: _Call) -> DeliveryReport:
         if self._guarded is None:
-            self._send(job=_idempotency_data(call.job), call=call)
-            assert call.delivery is not None
-            return DeliveryReport("sent", call.delivery)
+            # No store: the call itself (the guarded function raises for a failed answer, so
+            # that Powertools forgets it; unguarded, that answer is the outcome).
+            delivery = self._dispatcher.post(call.job, call.route, call.timeout)
+            return DeliveryReport("sent", delivery)
         return self._deliver_guarded(self._guarded, call)
 
     def _deliver_guarded(

@@ -21,7 +21,7 @@ import json
 import math
 import select
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -322,16 +322,19 @@ class QueueStore:
         shards: int = 1,
         claim_round: int | None = None,
         defer_exhausted: bool = False,
+        room: Mapping[str, int] | None = None,
     ) -> list[ClaimedJob]:
         """Leases due jobs (claim_jobs). With `claim_round` the claim is keyed by worker and round,
-        so it is sent again after a lost connection: a repeat returns the same jobs."""
+        so it is sent again after a lost connection: a repeat returns the same jobs. `room`:
+        at most so many jobs of each function named."""
         rows = self._run(
             "SELECT id, tenant_id, job_type, payload::text, priority, attempts, max_attempts,"
             " scheduled_at, locked_until, created_at, rescued, exhausted"
             " FROM queue_worker.claim_jobs(p_worker_id => :worker, p_lease_seconds => :lease,"
             " p_max_jobs => :max_jobs, p_max_per_tenant => :per_tenant,"
             " p_tenant_id => CAST(:tenant AS uuid), p_shard => :shard, p_shards => :shards,"
-            " p_round => CAST(:round AS int), p_defer_exhausted => :defer)",
+            " p_round => CAST(:round AS int), p_defer_exhausted => :defer,"
+            " p_room => CAST(:room AS jsonb))",
             idempotent=claim_round is not None,
             worker=worker_id,
             lease=lease_seconds,
@@ -342,6 +345,7 @@ class QueueStore:
             shards=shards,
             round=claim_round,
             defer=defer_exhausted,
+            room=json.dumps(dict(room)) if room is not None else None,
         )
         return [ClaimedJob(*row) for row in rows]
 

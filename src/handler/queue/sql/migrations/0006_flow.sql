@@ -220,7 +220,8 @@ DROP FUNCTION queue_worker.claim_jobs(text, int, int, int, uuid, int, int);
 --    tenant's rate and a function's rate (queue_tenant_limits, queue_functions) are token buckets
 --    taken here; a job over its function's rate is pushed back, without an attempt, to when its
 --    token will be there (held_reason says why); a tenant over its rate waits, its next_due_at
---    moved to when its next token comes.
+--    moved to when its next token comes. p_room ({"function": n}) takes at most n jobs of a
+--    function (the calls a worker can start soon), leaving the rest for the next claim.
 -- Jobs are locked with SKIP LOCKED: concurrent claims take disjoint jobs and never wait for one
 -- another; under contention a claim may take fewer than it could.
 CREATE FUNCTION queue_worker.claim_jobs(
@@ -232,7 +233,8 @@ CREATE FUNCTION queue_worker.claim_jobs(
     p_shard int DEFAULT 0,
     p_shards int DEFAULT 1,
     p_round int DEFAULT NULL,
-    p_defer_exhausted boolean DEFAULT false)
+    p_defer_exhausted boolean DEFAULT false,
+    p_room jsonb DEFAULT NULL)
 RETURNS TABLE (
     id uuid, tenant_id uuid, job_type text, payload jsonb, priority int, attempts int,
     max_attempts int, scheduled_at timestamptz, locked_until timestamptz, created_at timestamptz,
@@ -273,6 +275,7 @@ DECLARE
     v_fn_tokens double precision[] := '{}';
     v_fn_used int[] := '{}';
     v_fn_held int[] := '{}';
+    v_fn_room int[] := '{}';
     v_rt_type text[] := '{}';
     v_rt_fn text[] := '{}';
     -- one pass of the allocation
@@ -414,23 +417,29 @@ BEGIN
         LEFT JOIN (SELECT q.tenant_id, count(*)::int AS n FROM queue_worker.queue_jobs q
                    WHERE q.id = ANY (v_rescue) GROUP BY q.tenant_id) x ON x.tenant_id = u.t;
 
-        -- The rate-limited functions of these job types, their buckets locked (claims only).
-        SELECT coalesce(array_agg(r.job_type), '{}'), coalesce(array_agg(r.function), '{}')
-        INTO v_rt_type, v_rt_fn
-        FROM queue_worker.queue_routes r JOIN queue_worker.queue_functions f USING (function)
-        WHERE f.rate IS NOT NULL;
-        IF cardinality(v_rt_fn) > 0 THEN
-            SELECT coalesce(array_agg(f.function ORDER BY f.function), '{}'),
-                   coalesce(array_agg(f.rate ORDER BY f.function), '{}'),
-                   coalesce(array_agg(coalesce(f.burst, greatest(1, f.rate / 2)) ORDER BY f.function), '{}'),
-                   coalesce(array_agg(queue_worker.queue_tokens(f.tokens, f.refilled_at, f.rate,
-                                      coalesce(f.burst, greatest(1, f.rate / 2)), v_now) ORDER BY f.function), '{}'),
-                   coalesce(array_agg(0 ORDER BY f.function), '{}'),
-                   coalesce(array_agg(0 ORDER BY f.function), '{}')
-            INTO v_fn, v_fn_rate, v_fn_burst, v_fn_tokens, v_fn_used, v_fn_held
-            FROM (SELECT * FROM queue_worker.queue_functions
-                  WHERE rate IS NOT NULL AND function = ANY (v_rt_fn)
-                  ORDER BY function FOR UPDATE) f;
+        -- The functions with a rate (their buckets locked: claims only) or a room, and the job
+        -- types routed to them.
+        PERFORM 1 FROM queue_worker.queue_functions f
+        WHERE f.rate IS NOT NULL ORDER BY f.function FOR UPDATE;
+        SELECT coalesce(array_agg(u.fn ORDER BY u.fn), '{}'),
+               coalesce(array_agg(u.rate ORDER BY u.fn), '{}'),
+               coalesce(array_agg(u.burst ORDER BY u.fn), '{}'),
+               coalesce(array_agg(u.tokens ORDER BY u.fn), '{}'),
+               coalesce(array_agg(0 ORDER BY u.fn), '{}'),
+               coalesce(array_agg(0 ORDER BY u.fn), '{}'),
+               coalesce(array_agg(u.room ORDER BY u.fn), '{}')
+        INTO v_fn, v_fn_rate, v_fn_burst, v_fn_tokens, v_fn_used, v_fn_held, v_fn_room
+        FROM (SELECT coalesce(f.function, r.key) AS fn, f.rate,
+                     coalesce(f.burst, greatest(1, f.rate / 2)) AS burst,
+                     queue_worker.queue_tokens(f.tokens, f.refilled_at, f.rate,
+                                               coalesce(f.burst, greatest(1, f.rate / 2)), v_now) AS tokens,
+                     CASE WHEN r.value IS NOT NULL THEN greatest(0, r.value::int) END AS room
+              FROM (SELECT * FROM queue_worker.queue_functions WHERE rate IS NOT NULL) f
+              FULL JOIN jsonb_each_text(coalesce(p_room, '{}')) r ON r.key = f.function) u;
+        IF cardinality(v_fn) > 0 THEN
+            SELECT coalesce(array_agg(r.job_type), '{}'), coalesce(array_agg(r.function), '{}')
+            INTO v_rt_type, v_rt_fn
+            FROM queue_worker.queue_routes r WHERE r.function = ANY (v_fn);
         END IF;
 
         -- Passes: allocate what is left by the lowest tags, read that many due jobs of each
@@ -480,8 +489,9 @@ BEGIN
                   WHERE q.id = ANY (v_p_id) AND q.status = 'pending' AND q.scheduled_at <= v_now
                   FOR UPDATE SKIP LOCKED) q;
 
-            -- Functions' rates: in tag order, a job of a rate-limited function takes a token, or
-            -- is held until the time its token comes (after those held before it).
+            -- Functions' rates and rooms: in tag order, a job of a rate-limited function takes
+            -- a token, or is held until the time its token comes (after those held before it);
+            -- one past its function's room is left for the next claim.
             WITH got AS (
                 SELECT p.id, p.tag, rt.fn
                 FROM unnest(v_p_id, v_p_type, v_p_tag) AS p(id, job_type, tag)
@@ -489,19 +499,24 @@ BEGIN
                 WHERE p.id = ANY (v_got_id)
             ), ranked AS (
                 SELECT g.id, g.fn, f.i AS fi, f.tokens - f.used AS tokens, f.rate, f.held,
+                       f.room - f.used AS room,
                        row_number() OVER (PARTITION BY g.fn ORDER BY g.tag) AS fr
                 FROM got g
-                LEFT JOIN unnest(v_fn, v_fn_rate, v_fn_tokens, v_fn_used, v_fn_held) WITH ORDINALITY
-                          AS f(fn, rate, tokens, used, held, i) ON f.fn = g.fn
+                LEFT JOIN unnest(v_fn, v_fn_rate, v_fn_tokens, v_fn_used, v_fn_held, v_fn_room)
+                          WITH ORDINALITY AS f(fn, rate, tokens, used, held, room, i) ON f.fn = g.fn
+            ), judged AS (
+                SELECT r.*, (r.tokens IS NULL OR r.fr <= floor(r.tokens)) AS within_rate,
+                       (r.room IS NULL OR r.fr <= r.room) AS within_room
+                FROM ranked r
             )
-            SELECT coalesce(array_agg(r.id) FILTER (WHERE r.fi IS NULL OR r.fr <= floor(r.tokens)), '{}'),
-                   coalesce(array_agg(r.id) FILTER (WHERE r.fi IS NOT NULL AND r.fr > floor(r.tokens)), '{}'),
-                   coalesce(array_agg(v_now + make_interval(secs => (r.fr + r.held - r.tokens) / r.rate))
-                            FILTER (WHERE r.fi IS NOT NULL AND r.fr > floor(r.tokens)), '{}'),
-                   coalesce(array_agg(format('rate limit of %s (%s/s)', r.fn, r.rate))
-                            FILTER (WHERE r.fi IS NOT NULL AND r.fr > floor(r.tokens)), '{}')
+            SELECT coalesce(array_agg(j.id) FILTER (WHERE j.fi IS NULL OR (j.within_rate AND j.within_room)), '{}'),
+                   coalesce(array_agg(j.id) FILTER (WHERE j.fi IS NOT NULL AND NOT j.within_rate), '{}'),
+                   coalesce(array_agg(v_now + make_interval(secs => (j.fr + j.held - j.tokens) / j.rate))
+                            FILTER (WHERE j.fi IS NOT NULL AND NOT j.within_rate), '{}'),
+                   coalesce(array_agg(format('rate limit of %s (%s/s)', j.fn, j.rate))
+                            FILTER (WHERE j.fi IS NOT NULL AND NOT j.within_rate), '{}')
             INTO v_allow, v_held, v_held_at, v_held_why
-            FROM ranked r;
+            FROM judged j;
 
             v_take := v_take || v_allow;
             v_hold := v_hold || v_held;
@@ -578,8 +593,8 @@ BEGIN
     IF cardinality(v_fn) > 0 THEN
         UPDATE queue_worker.queue_functions q
         SET tokens = f.tokens - f.used, refilled_at = v_now
-        FROM unnest(v_fn, v_fn_tokens, v_fn_used) AS f(fn, tokens, used)
-        WHERE q.function = f.fn;
+        FROM unnest(v_fn, v_fn_rate, v_fn_tokens, v_fn_used) AS f(fn, rate, tokens, used)
+        WHERE q.function = f.fn AND f.rate IS NOT NULL;
     END IF;
 
     IF cardinality(v_exhausted) > 0 THEN
@@ -1112,7 +1127,7 @@ $$;
 -- Privileges -------------------------------------------------------------------------------------
 
 GRANT EXECUTE ON FUNCTION
-    queue_worker.claim_jobs(text, int, int, int, uuid, int, int, int, boolean),
+    queue_worker.claim_jobs(text, int, int, int, uuid, int, int, int, boolean, jsonb),
     queue_worker.claim_next_job(uuid, int, text),
     queue_worker.record_routes(jsonb),
     queue_worker.function_states(),

@@ -500,13 +500,16 @@ class XRayDaemon:
 
 # The template's variables that this test sets itself, and those it leaves unset because they
 # configure what it replaces (secrets by ARN, the Supabase URL behind FUNCTIONS_BASE_URL, the
-# DynamoDB table of the default idempotency store).
+# DynamoDB table of the default idempotency store) or are empty by default (the database's CA
+# file and pool mode).
 TEST_VALUES = ("DATABASE_URL", "FUNCTIONS_BASE_URL", "SUPABASE_SERVICE_ROLE_KEY")
 LEFT_UNSET = (
     "DATABASE_SECRET_ARN",
     "SUPABASE_URL",
     "SUPABASE_SERVICE_ROLE_KEY_SECRET_ARN",
     "IDEMPOTENCY_TABLE",
+    "DATABASE_SSLROOTCERT",
+    "DATABASE_POOL_MODE",
 )
 
 

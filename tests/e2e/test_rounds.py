@@ -70,10 +70,16 @@ def test_rounds_claim_again_while_earlier_calls_are_still_in_flight(
     pool: ThreadPoolExecutor,
 ) -> None:
     # Given a job whose call the stand-in holds, and 10 quick ones, for a worker of 2 lanes
+    # (a function of this test's own, so that the stand-in's counts of it are this test's)
     tenant = uuid.uuid4()
     held = store.enqueue(tenant, "process_embeddings", {"simulate": {"hold": True}}, priority=9)
-    quick = [store.enqueue(tenant, "ingest_slack", {"n": n}) for n in range(10)]
-    worker = make_worker(run_mode="rounds", max_concurrency="2", linger="false")
+    quick = [store.enqueue(tenant, "quick_job", {"n": n}) for n in range(10)]
+    worker = make_worker(
+        run_mode="rounds",
+        max_concurrency="2",
+        linger="false",
+        job_routes='{"quick_job": "quick-in-rounds"}',
+    )
 
     # When it runs, the quick jobs go through the other lane, round after round, while the held
     # call is still waiting
@@ -85,7 +91,7 @@ def test_rounds_claim_again_while_earlier_calls_are_still_in_flight(
     # Then it claimed in several rounds, everything completed, no more than 2 calls at once
     assert summary.rounds >= 3
     assert (summary.claimed, summary.completed) == (11, 11)
-    assert standin.stats()["ingest-slack"].peak_in_flight <= 1
+    assert standin.stats()["quick-in-rounds"].peak_in_flight <= 1
     assert sent(standin) == dict.fromkeys([str(held), *map(str, quick)], 1)
 
 

@@ -23,6 +23,31 @@ PER_TENANT_CAP = 100
 DRAIN_BATCHES = 10
 
 
+def invoke_all_at_once(workers: list[Worker], name: str) -> list[Summary]:
+    """Runs one invocation on each worker, all starting at the same moment; their summaries
+    (fails the test if any raised)."""
+    start = threading.Barrier(len(workers))
+    summaries: list[Summary | BaseException] = [RuntimeError("did not run")] * len(workers)
+
+    def invoke(n: int) -> None:
+        try:
+            start.wait()
+            summaries[n], _ = workers[n].run(
+                parse_event({}), remaining_seconds=120, request_id=f"{name}-{n}"
+            )
+        except BaseException as exc:
+            summaries[n] = exc
+
+    threads = [threading.Thread(target=invoke, args=(n,)) for n in range(len(workers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    failed = [s for s in summaries if not isinstance(s, Summary)]
+    assert failed == []
+    return [s for s in summaries if isinstance(s, Summary)]
+
+
 @pytest.mark.slow
 def test_ten_invocations_at_once_send_each_job_exactly_once(
     conn: pg8000.native.Connection, standin: StandIn, make_worker: Callable[..., Worker]
@@ -37,26 +62,9 @@ def test_ten_invocations_at_once_send_each_job_exactly_once(
     # (It would also take 8 connections per invocation: 90 in all, a whole default server.)
     env = {"max_jobs_per_tenant": str(PER_TENANT_CAP), "idempotency_store": "off"}
     workers = [make_worker(**env) for _ in range(INVOCATIONS)]
-    start = threading.Barrier(INVOCATIONS)
-    summaries: list[Summary | BaseException] = [RuntimeError("did not run")] * INVOCATIONS
-
-    def invoke(n: int) -> None:
-        try:
-            start.wait()
-            summaries[n], _ = workers[n].run(
-                parse_event({}), remaining_seconds=120, request_id=f"invocation-{n}"
-            )
-        except BaseException as exc:
-            summaries[n] = exc
 
     # When 10 invocations start at the same moment
-    threads = [threading.Thread(target=invoke, args=(n,)) for n in range(INVOCATIONS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    concurrent = [s for s in summaries if isinstance(s, Summary)]
-    assert len(concurrent) == INVOCATIONS, [s for s in summaries if not isinstance(s, Summary)]
+    concurrent = invoke_all_at_once(workers, "invocation")
     # (more than one of them took jobs: one batch takes 1,000 at most)
     assert sum(s.claimed for s in concurrent) > TENANTS * PER_TENANT_CAP
     for summary in concurrent:
@@ -98,26 +106,9 @@ def test_ten_invocations_in_rounds_at_once_send_each_job_exactly_once(
         "max_concurrency": "20",
     }
     workers = [make_worker(**env) for _ in range(INVOCATIONS)]
-    start = threading.Barrier(INVOCATIONS)
-    summaries: list[Summary | BaseException] = [RuntimeError("did not run")] * INVOCATIONS
-
-    def invoke(n: int) -> None:
-        try:
-            start.wait()
-            summaries[n], _ = workers[n].run(
-                parse_event({}), remaining_seconds=120, request_id=f"rounds-{n}"
-            )
-        except BaseException as exc:
-            summaries[n] = exc
 
     # When 10 invocations in rounds start at the same moment (each runs until nothing is due)
-    threads = [threading.Thread(target=invoke, args=(n,)) for n in range(INVOCATIONS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    done = [s for s in summaries if isinstance(s, Summary)]
-    assert len(done) == INVOCATIONS, [s for s in summaries if not isinstance(s, Summary)]
+    done = invoke_all_at_once(workers, "rounds")
 
     # Then they shared the work, and every job was claimed once, sent once and completed
     assert sum(1 for s in done if s.claimed) > 1

@@ -69,14 +69,9 @@ class Settings:
     database_pool_mode: PoolMode = "session"
 
     def database_settings(self) -> ConnectionSettings:
-        if self.database is not None:
-            return self.database
-        assert self.database_secret_arn is not None  # parse_settings guarantees one of the two
-        return settings_from_rds_secret(
-            _fetch_secret_json(self.database_secret_arn, "DATABASE_SECRET_ARN"),
-            variable="DATABASE_SECRET_ARN",
-            sslrootcert=self.database_sslrootcert,
-        )
+        return DatabaseConfig(
+            self.database, self.database_secret_arn, self.database_sslrootcert
+        ).connection_settings()
 
     def service_role_key_value(self) -> str:
         if self.service_role_key is not None:
@@ -95,20 +90,12 @@ class Settings:
 def parse_settings(env: Mapping[str, str]) -> Settings:
     """Validates the environment; raises ConfigurationError naming the first bad variable."""
 
-    def get(name: str) -> str | None:
-        value = env.get(name)
-        return value.strip() if value is not None and value.strip() else None
-
-    database_url, database_arn = get("DATABASE_URL"), get("DATABASE_SECRET_ARN")
-    if database_url is None and database_arn is None:
+    get = _getter(env)
+    where = parse_database_settings(env)
+    if where is None:
         raise ConfigurationError(
             "DATABASE_URL", "is not set (nor DATABASE_SECRET_ARN): where is the queue?"
         )
-    if database_arn is not None:
-        _check_arn(database_arn, "DATABASE_SECRET_ARN")
-    root = get("DATABASE_SSLROOTCERT")
-    if root is not None:  # checked even when the URL names its own: a wrong path is a mistake
-        root = check_root_certificate(root, "DATABASE_SSLROOTCERT")
 
     key, key_arn = get("SUPABASE_SERVICE_ROLE_KEY"), get("SUPABASE_SERVICE_ROLE_KEY_SECRET_ARN")
     if key is None and key_arn is None:
@@ -133,7 +120,7 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
 
     lease = get("JOB_LEASE_SECONDS")
     run_mode = _choice(get, "RUN_MODE", ("batch", "rounds"), "batch")
-    database = parse_database_url(database_url, sslrootcert=root) if database_url else None
+    database = where.url_settings
     pool_default = (
         "transaction"
         if database is not None and database.port == SUPABASE_TRANSACTION_POOLER_PORT
@@ -143,8 +130,8 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
     return Settings(
         functions_base_url=_functions_base_url(get("FUNCTIONS_BASE_URL"), get("SUPABASE_URL")),
         database=database,
-        database_secret_arn=None if database_url else database_arn,
-        database_sslrootcert=root,
+        database_secret_arn=where.secret_arn,
+        database_sslrootcert=where.sslrootcert,
         service_role_key=key,
         service_role_key_secret_arn=None if key else key_arn,
         max_jobs_per_tenant=_int(get, "MAX_JOBS_PER_TENANT", 10, low=1, high=100_000),
@@ -166,6 +153,55 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
         ),
         database_pool_mode=pool_mode,  # type: ignore[arg-type]  # one of the choices
     )
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    """Where the queue's database is: DATABASE_URL parsed, or DATABASE_SECRET_ARN, whose secret
+    is read (through Powertools Parameters, cached) when the settings are asked for."""
+
+    url_settings: ConnectionSettings | None = field(default=None, repr=False)
+    secret_arn: str | None = None  # only when there is no DATABASE_URL
+    sslrootcert: str | None = None  # DATABASE_SSLROOTCERT, checked
+
+    def connection_settings(self) -> ConnectionSettings:
+        if self.url_settings is not None:
+            return self.url_settings
+        assert self.secret_arn is not None  # parse_database_settings guarantees one of the two
+        return settings_from_rds_secret(
+            _fetch_secret_json(self.secret_arn, "DATABASE_SECRET_ARN"),
+            variable="DATABASE_SECRET_ARN",
+            sslrootcert=self.sslrootcert,
+        )
+
+
+def parse_database_settings(env: Mapping[str, str]) -> DatabaseConfig | None:
+    """The database part of the environment alone (DATABASE_URL, DATABASE_SECRET_ARN,
+    DATABASE_SSLROOTCERT), validated as parse_settings validates it; None when neither
+    DATABASE_URL nor DATABASE_SECRET_ARN is set. For the command line, which needs no
+    functions to reach the database."""
+    get = _getter(env)
+    database_url, database_arn = get("DATABASE_URL"), get("DATABASE_SECRET_ARN")
+    if database_url is None and database_arn is None:
+        return None
+    if database_arn is not None:
+        _check_arn(database_arn, "DATABASE_SECRET_ARN")
+    root = get("DATABASE_SSLROOTCERT")
+    if root is not None:  # checked even when the URL names its own: a wrong path is a mistake
+        root = check_root_certificate(root, "DATABASE_SSLROOTCERT")
+    if database_url is not None:
+        return DatabaseConfig(parse_database_url(database_url, sslrootcert=root), None, root)
+    return DatabaseConfig(None, database_arn, root)
+
+
+def _getter(env: Mapping[str, str]) -> _Getter:
+    """A variable's value, stripped; None when unset or blank."""
+
+    def get(name: str) -> str | None:
+        value = env.get(name)
+        return value.strip() if value is not None and value.strip() else None
+
+    return get
 
 
 _cached: Settings | None = None

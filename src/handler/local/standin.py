@@ -396,6 +396,12 @@ class _Server:
                 self._refuse(conn, writer, exc.error_status_hint, str(exc))
         except ConnectionError:
             pass  # the client went away
+        except asyncio.CancelledError:
+            # The server is stopping with this call in flight (a held or hanging one). Ended
+            # quietly: Python 3.11's StreamReaderProtocol reports a handler that ends cancelled
+            # as an "Exception in callback" traceback on stderr, which would land in the
+            # output of whoever started the stand-in.
+            pass
         except Exception as exc:  # a bug here must not kill the server; say so and move on
             print(f"stand-in: internal error: {exc!r}", file=sys.stderr, flush=True)
             self._refuse(conn, writer, 500, repr(exc))

@@ -29,6 +29,13 @@ class ConfigurationError(UserError, ValueError):
         self.variable = variable
 
 
+class UsageError(UserError):
+    """A command used in a way it cannot be (options that contradict each other, or the
+    environment): the message says which and what to do instead."""
+
+    kind: ClassVar[ErrorKind] = "usage"
+
+
 class EventError(UserError, ValueError):
     """An invocation event that is not one of the accepted shapes. The message names the field."""
 

@@ -94,7 +94,7 @@ def _route(job_type: str, target: Any, variable: str) -> Route:
             raise ConfigurationError(
                 f"{variable}{where}.max_concurrency", "must be a whole number >= 1"
             )
-        rate = _rate(target.get("rate"), f"{variable}{where}.rate")
+        rate = parse_rate(target.get("rate"), f"{variable}{where}.rate")
         burst = target.get("burst")
         if burst is not None and (
             isinstance(burst, bool) or not isinstance(burst, int | float) or not 1 <= burst <= 1e6
@@ -120,8 +120,10 @@ def _function_name(value: Any, variable: str) -> str:
     return value
 
 
-def _rate(value: Any, variable: str) -> float | None:
-    """Calls per second from "20/s", "600/min", "1000/h" or a number (per second)."""
+def parse_rate(value: Any, variable: str) -> float | None:
+    """Calls per second from "20/s", "600/min", "1000/h" or a number (per second); None for
+    None. Raises ConfigurationError naming `variable`. The command line's `tenants set --rate`
+    takes the same syntax."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, str | int | float):

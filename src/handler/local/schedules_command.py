@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 from uuid import UUID
 
+from handler.local.arguments import INT_MIN, uuid_value, whole
 from handler.operate.schedules import MAX_CATCH_UP, ScheduleError, Schedules, fire_due_schedules
 from handler.queue.store import QueueStore
 
@@ -21,15 +22,25 @@ StoreFactory = Callable[[], QueueStore]
 
 
 def add_schedule_commands(
-    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    subparsers: argparse._SubParsersAction[Any],
     store_factory: StoreFactory,
+    *,
+    parents: Sequence[argparse.ArgumentParser] = (),
 ) -> None:
-    """Adds `schedules` (list, set, pause, resume, delete, fire) to the main parser's commands."""
-    p = subparsers.add_parser("schedules", help="recurring jobs: list, set, pause, resume, delete")
+    """Adds `schedules` (list, set, pause, resume, delete, fire) to the main parser's commands;
+    `parents` give every one of them options of the main parser's (such as --data-dir)."""
+    p = subparsers.add_parser(
+        "schedules",
+        help="recurring jobs: list, set, pause, resume, delete, fire",
+        description="Recurring jobs: each schedule enqueues a job at its cron's fire times.",
+        parents=list(parents),
+    )
     actions = p.add_subparsers(required=True, metavar="action")
 
-    q = actions.add_parser("list", help="the schedules, one JSON object a line")
-    q.add_argument("--tenant", type=_uuid, help="only this tenant's (uuid)")
+    q = actions.add_parser(
+        "list", help="the schedules, one JSON object a line", parents=list(parents)
+    )
+    q.add_argument("--tenant", type=uuid_value, help="only this tenant's (uuid)")
     q.set_defaults(command=cmd_schedules_list, store_factory=store_factory)
 
     q = actions.add_parser(
@@ -37,15 +48,22 @@ def add_schedule_commands(
         help="create a schedule, or replace the tenant's schedule of that name",
         description="Creates a schedule, or replaces the tenant's schedule of that name (options"
         " left out take their defaults). Prints its id.",
+        parents=list(parents),
     )
-    q.add_argument("tenant", type=_uuid, help="tenant uuid")
+    q.add_argument("tenant", type=uuid_value, help="tenant uuid")
     q.add_argument("name", help="the schedule's name (unique per tenant)")
-    q.add_argument("job_type")
+    q.add_argument("job_type", help="the job type of the jobs it enqueues")
     q.add_argument("cron", help="five fields, e.g. '0 9 * * MON-FRI', or @hourly, @daily, ...")
     q.add_argument("--tz", default="UTC", help="IANA time zone of the cron (default UTC)")
     q.add_argument("--payload", default="{}", help="a JSON object (default {})")
-    q.add_argument("--priority", type=int, default=0, help="of its jobs (default 0)")
-    q.add_argument("--max-attempts", type=int, default=5, help="of its jobs (default 5)")
+    q.add_argument("--priority", type=whole(INT_MIN), default=0, help="of its jobs (default 0)")
+    q.add_argument(
+        "--max-attempts",
+        type=whole(1),
+        default=5,
+        metavar="N",
+        help="of its jobs (default 5)",
+    )
     q.add_argument(
         "--catch-up",
         type=int,
@@ -61,12 +79,20 @@ def add_schedule_commands(
         ("resume", cmd_schedules_resume, "fire again, from the next fire time after now"),
         ("delete", cmd_schedules_delete, "delete (the jobs it enqueued stay)"),
     ):
-        q = actions.add_parser(name, help=text)
-        q.add_argument("id", type=_uuid, help="schedule id")
+        q = actions.add_parser(name, help=text, parents=list(parents))
+        q.add_argument("id", type=uuid_value, help="schedule id")
         q.set_defaults(command=handler, store_factory=store_factory)
 
-    q = actions.add_parser("fire", help="enqueue the due fire times now, print the report")
-    q.add_argument("--limit", type=int, default=100, help="schedules at most (default 100)")
+    q = actions.add_parser(
+        "fire", help="enqueue the due fire times now, print the report", parents=list(parents)
+    )
+    q.add_argument(
+        "--limit",
+        type=whole(1),
+        default=100,
+        metavar="N",
+        help="schedules at most (default 100)",
+    )
     q.set_defaults(command=cmd_schedules_fire, store_factory=store_factory)
 
 
@@ -148,13 +174,6 @@ class _Session:
     def __exit__(self, *exc: object) -> None:
         if self._store is not None:
             self._store.close()
-
-
-def _uuid(text: str) -> UUID:
-    try:
-        return UUID(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a uuid: {text!r}") from None
 
 
 def _done(found: bool, verb: str, schedule_id: UUID) -> int:

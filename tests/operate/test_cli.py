@@ -22,7 +22,7 @@ import pytest
 
 from handler.dispatch.routes import DEFAULT_ROUTES
 from handler.local.cli import main
-from handler.local.demo import DEMO_DATABASE, FAILURES
+from handler.local.demo import DEMO_DATABASE_PREFIX, FAILURES
 from handler.local.standin import StandIn
 from handler.queue import connection, migrations
 from handler.queue.store import QueueStore
@@ -542,6 +542,7 @@ def test_demo_runs_the_whole_system_and_shows_what_became_of_every_kind_of_job(
     env = dict(os.environ) | {"DATABASE_URL": server_url}
     for name in ("FUNCTIONS_BASE_URL", "SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "JOB_ROUTES"):
         env.pop(name, None)
+    before = demo_databases(server_url)
     # When `queue-worker demo` runs
     result = cli_process("demo", env=env, timeout=240)
     # Then it succeeds and prints the summary and one row per job, every failure kind included
@@ -567,9 +568,18 @@ def test_demo_runs_the_whole_system_and_shows_what_became_of_every_kind_of_job(
     assert {(state, attempts) for _, state, attempts, _ in completed} == {("completed", 1)}
     [waiting] = [row for row in table if row[3].startswith("waited on a dependency")]
     assert waiting[1:3] == ("pending", 0)
-    # and it cleaned up after itself
+    # and it cleaned up after itself: the database it made is gone, no other was touched
+    assert demo_databases(server_url) == before
+
+
+def demo_databases(server_url: str) -> set[str]:
+    """The databases on the server whose names the demo's have."""
     admin = connection.connect(connection.parse_database_url(server_url))
     try:
-        assert admin.run("SELECT 1 FROM pg_database WHERE datname = :n", n=DEMO_DATABASE) == []
+        rows = admin.run(
+            "SELECT datname FROM pg_database WHERE starts_with(datname, :prefix)",
+            prefix=DEMO_DATABASE_PREFIX,
+        )
     finally:
         admin.close()
+    return {row[0] for row in rows}

@@ -457,11 +457,15 @@ def _parser() -> argparse.ArgumentParser:
         "JSON (log lines go to stderr). The functions are SUPABASE_URL's or FUNCTIONS_BASE_URL's"
         "; on the embedded database with neither set, stand-in functions started for the run.",
     )
-    p.add_argument("--tenant", help="only this tenant's jobs (uuid)")
+    # --tenant and --max-jobs are checked as the event's fields are, with the same messages.
+    p.add_argument("--tenant", metavar="UUID", help="only this tenant's jobs")
     p.add_argument(
-        "--max-jobs", type=int, help="per-tenant cap for this run (default MAX_JOBS_PER_TENANT)"
+        "--max-jobs",
+        type=int,
+        metavar="N",
+        help="per-tenant cap for this run (default MAX_JOBS_PER_TENANT)",
     )
-    p.add_argument("--event", help="a JSON event, as the Lambda would receive it")
+    p.add_argument("--event", metavar="JSON", help="a JSON event, as the Lambda would receive it")
     p.add_argument(
         "--budget",
         type=number(0, MAX_BUDGET_SECONDS, above_low=True),
@@ -593,7 +597,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Seeds jobs of every kind, some failing, runs one batch through the "
         "Lambda's code path against stand-in functions, and shows what became of each job. "
         "On DATABASE_URL's server it works in a database of its own, created and dropped; "
-        "without it, in an embedded PostgreSQL of its own.",
+        "without it, in an embedded PostgreSQL of its own (with --keep, in a new folder beside "
+        "the data folder).",
     )
     p.add_argument(
         "--keep",

@@ -22,6 +22,10 @@ from handler.queue import connection, migrations
 from handler.queue.connection import ConnectionSettings
 from handler.runtime.settings import DatabaseConfig, parse_database_settings
 
+# Where the embedded database was before it moved to the user's data folder: relative to the
+# folder a command was started from.
+_OLD_DEFAULT = Path(".queue-worker") / "pgdata"
+
 
 @dataclass(frozen=True)
 class CommandDatabase:
@@ -74,7 +78,10 @@ def resolve(
             migrations.migrate(conn)
         finally:
             conn.close()
-    say(embedded_line(server, migrated=server.created and migrate_new))
+    line = embedded_line(server, migrated=server.created and migrate_new)
+    if server.created and source == "the default" and _OLD_DEFAULT.joinpath("PG_VERSION").exists():
+        line += f"; an older one is in ./{_OLD_DEFAULT}: --data-dir {_OLD_DEFAULT} opens it"
+    say(line)
     return database
 
 

@@ -40,6 +40,17 @@ _TABLES = (
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_users_data_folder() -> Iterator[None]:
+    """The embedded database's default folders point into a temporary folder for the whole
+    session: a test that reaches the default by mistake never touches the user's own."""
+    folder = Path(tempfile.mkdtemp(prefix="queue-worker-test-user-"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_DATA_HOME", str(folder / "data"))
+        patch.setenv("QUEUE_WORKER_DATA_DIR", str(folder / "data" / "queue-worker" / "pgdata"))
+        yield
+
+
 @pytest.fixture(scope="session")
 def server_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The server's URL (its maintenance database)."""

@@ -22,7 +22,7 @@ from handler.errors import (
 from handler.local import cli
 from handler.queue import connection
 
-from .clusters import ADMIN, SECRET_PASSWORD, SECRET_USER, Cluster
+from .clusters import ADMIN, SECRET_PASSWORD, SECRET_USER, Cluster, ServerCertificate
 
 
 def failure(
@@ -283,3 +283,24 @@ def test_the_command_line_exits_3_when_nothing_answers(
     err = capsys.readouterr().err
     assert "no answer within connect_timeout=2 s" in err
     assert "s3cret" not in err
+
+
+def test_the_command_line_verifies_the_server_against_database_sslrootcert(
+    tls_server: Cluster,
+    certificate: ServerCertificate,
+    other_ca_file: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Given verify-full in DATABASE_URL and the CA in DATABASE_SSLROOTCERT, not in the URL
+    monkeypatch.setenv("DATABASE_URL", tls_server.url(host="localhost", sslmode="verify-full"))
+    monkeypatch.setenv("DATABASE_SSLROOTCERT", str(certificate.ca_file))
+    # When `migrate --check` runs, Then it connected (and found no queue schema there)
+    assert cli.main(["migrate", "--check"]) == 1
+    assert capsys.readouterr().out.startswith("pending: 0001_queue")
+    # and with a CA that did not sign the server's certificate, it refuses in one line
+    monkeypatch.setenv("DATABASE_SSLROOTCERT", other_ca_file)
+    assert cli.main(["migrate", "--check"]) == EXIT_STATUS["configuration"]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "certificate" in err

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -27,40 +25,17 @@ from handler.local.standin import StandIn
 from handler.queue import connection, migrations
 from handler.queue.store import QueueStore
 
-from .conftest import SERVICE_ROLE_KEY, job_state
+from .conftest import (
+    SERVICE_ROLE_KEY,
+    as_a_person_runs_it,
+    cli_env_of,
+    cli_process,
+    job_state,
+    printed_command,
+    run_cli,
+)
 
 TENANT = uuid.UUID("0b7f3c52-9e61-4d2a-8f0e-5a1c2d3e4f60")
-
-
-@pytest.fixture
-def cli_env(database_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The command line pointed at the test database, with no other configuration."""
-    for name in (
-        "DATABASE_SECRET_ARN",
-        "SUPABASE_URL",
-        "FUNCTIONS_BASE_URL",
-        "SUPABASE_SERVICE_ROLE_KEY",
-        "SUPABASE_SERVICE_ROLE_KEY_SECRET_ARN",
-        "JOB_ROUTES",
-        "IDEMPOTENCY_STORE",
-    ):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("DATABASE_URL", database_url)
-    return database_url
-
-
-@pytest.fixture
-def functions_env(cli_env: str, standin: StandIn, monkeypatch: pytest.MonkeyPatch) -> StandIn:
-    """What `run` needs besides the database: where the functions are, and the key."""
-    monkeypatch.setenv("FUNCTIONS_BASE_URL", standin.base_url)
-    monkeypatch.setenv("SUPABASE_SERVICE_ROLE_KEY", SERVICE_ROLE_KEY)
-    return standin
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    status = main(list(argv))
-    out = capsys.readouterr()
-    return status, out.out, out.err
 
 
 def dead_letter(queue: QueueStore, conn: pg8000.native.Connection, job_type: str) -> uuid.UUID:
@@ -480,20 +455,6 @@ def test_run_without_a_functions_url_names_the_variable_and_returns_2(
     assert job_state(conn, job)["attempts"] == 0
 
 
-def cli_process(
-    *argv: str, env: dict[str, str], timeout: float
-) -> subprocess.CompletedProcess[str]:
-    """`queue-worker ...` as a person runs it: its own process, its own stdout and stderr."""
-    return subprocess.run(
-        [sys.executable, "-m", "handler.local.cli", *argv],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
 def test_run_prints_only_the_summary_on_stdout_and_its_log_lines_on_stderr(
     functions_env: StandIn, database_url: str, queue: QueueStore
 ) -> None:
@@ -548,6 +509,14 @@ def test_demo_runs_the_whole_system_and_shows_what_became_of_every_kind_of_job(
     # Then it succeeds and prints the summary and one row per job, every failure kind included
     assert result.returncode == 0, result.stderr
     out = result.stdout
+    # (the worker's log lines of the failure cases, expected, are not printed before the table:
+    # they come after it, each as one short line, with what they are)
+    before_table, table_and_after = out.split("job type ", 1)
+    assert '"level"' not in before_table + result.stderr
+    assert "ERROR" not in before_table + result.stderr
+    after_table = table_and_after.split("\n\n", 1)[1]
+    assert after_table.startswith("The worker logged ")
+    assert "  ERROR    sync_calendar " in after_table
     assert "Summary (what the Lambda returns):" in out
     summary_text = out.split("Summary (what the Lambda returns):", 1)[1].split("\n\n", 1)[0]
     summary = json.loads(summary_text)
@@ -583,3 +552,52 @@ def demo_databases(server_url: str) -> set[str]:
     finally:
         admin.close()
     return {row[0] for row in rows}
+
+
+@pytest.fixture
+def kept_demo_databases(server_url: str) -> Iterator[None]:
+    """Drops, after the test, the demo databases it left (and only those)."""
+    before = demo_databases(server_url)
+    yield
+    admin = connection.connect(connection.parse_database_url(server_url))
+    try:
+        for name in demo_databases(server_url) - before:
+            admin.run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        admin.close()
+
+
+@pytest.mark.slow
+def test_demo_keep_on_a_server_keeps_only_its_own_database_and_prints_a_command_that_works(
+    server_url: str, kept_demo_databases: None
+) -> None:
+    # Given a server with a database that has the demo's old fixed name (someone else's, say)
+    admin = connection.connect(connection.parse_database_url(server_url))
+    admin.run('DROP DATABASE IF EXISTS "queue_worker_demo"')
+    admin.run('CREATE DATABASE "queue_worker_demo"')
+    admin.close()
+    before = demo_databases(server_url)
+    env = cli_env_of(DATABASE_URL=server_url)
+    try:
+        # When the demo runs with --keep
+        result = cli_process("demo", "--keep", env=env, timeout=240)
+        assert result.returncode == 0, result.stderr
+        # Then it made one database of its own, kept it, and dropped nothing else
+        [made] = demo_databases(server_url) - before
+        assert made.startswith(DEMO_DATABASE_PREFIX)
+        admin = connection.connect(connection.parse_database_url(server_url))
+        try:
+            names = {row[0] for row in admin.run("SELECT datname FROM pg_database")}
+        finally:
+            admin.close()
+        assert "queue_worker_demo" in names
+        # and the command it printed, run as a person would, shows the demo's jobs
+        command = printed_command(result.stdout)
+        assert made in command
+        looked = as_a_person_runs_it(command, cli_env_of())
+        assert looked.returncode == 0, looked.stderr
+        assert json.loads(looked.stdout)["dead_letters"] == 2
+    finally:
+        admin = connection.connect(connection.parse_database_url(server_url))
+        admin.run('DROP DATABASE IF EXISTS "queue_worker_demo"')
+        admin.close()

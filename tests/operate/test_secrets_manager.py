@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,7 +26,8 @@ from aws_lambda_powertools.utilities import parameters
 from moto.moto_api import recorder
 
 from handler import app
-from handler.errors import ConfigurationError
+from handler.errors import EXIT_STATUS, ConfigurationError
+from handler.local import cli
 from handler.local.standin import StandIn
 from handler.queue.connection import ConnectionSettings, parse_database_url
 from handler.queue.store import QueueStore
@@ -406,3 +408,89 @@ def test_a_batch_reaches_the_database_named_by_an_rds_secret(
     assert status == "completed"
     out = capsys.readouterr()
     assert DB_PASSWORD not in out.out + out.err
+
+
+# The command line: an operator's commands reach the database the secret names ----------------
+
+
+@pytest.fixture
+def cli_secret_env(
+    create_secret: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> Callable[[dict[str, Any]], str]:
+    """Points the command line at an RDS secret only (no DATABASE_URL); returns its ARN."""
+
+    def _point(secret: dict[str, Any]) -> str:
+        arn = create_secret(secret)
+        monkeypatch.delenv("DATABASE_URL", raising=False)
+        monkeypatch.delenv("DATABASE_SSLROOTCERT", raising=False)
+        monkeypatch.setenv("DATABASE_SECRET_ARN", arn)
+        return arn
+
+    return _point
+
+
+def test_the_command_line_connects_where_the_secret_says_and_never_shows_the_password(
+    cli_secret_env: Callable[[dict[str, Any]], str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Given a secret naming a host and port where nothing listens (any test server will do)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cli_secret_env(
+        {
+            "host": "127.0.0.1",
+            "port": port,
+            "username": "ops_from_secret",
+            "password": DB_PASSWORD,
+            "dbname": "queue_from_secret",
+            "sslmode": "disable",
+        }
+    )
+    for command in (["stats"], ["migrate"]):
+        # When a command runs, Then it tried exactly the secret's database (exit 3: unreachable)
+        assert cli.main(command) == EXIT_STATUS["unreachable"]
+        err = capsys.readouterr().err
+        assert f"ops_from_secret@127.0.0.1:{port}/queue_from_secret" in err
+        assert err.count("\n") == 1
+        assert DB_PASSWORD not in err
+
+
+def test_the_command_line_takes_database_sslrootcert_for_the_secret(
+    cli_secret_env: Callable[[dict[str, Any]], str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Given an RDS secret (verify-full by default) and no root certificate
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.postgresql/root.crt either
+    cli_secret_env(rds_secret("postgresql://ops@queue-db.example.test:5432/queue"))
+    # When a command runs, Then it names DATABASE_SSLROOTCERT (the configuration to fix)
+    assert cli.main(["stats"]) == EXIT_STATUS["configuration"]
+    assert "DATABASE_SSLROOTCERT" in capsys.readouterr().err
+
+
+def test_the_command_line_works_on_the_database_an_rds_secret_names(
+    cli_secret_env: Callable[[dict[str, Any]], str],
+    database_url: str,
+    queue: QueueStore,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    if parse_database_url(database_url).host is None:
+        pytest.skip(
+            "the test database is on a unix socket, which an RDS secret (a TCP host) cannot name;"
+            " run with DATABASE_URL=postgresql://...@host:port/... to connect through the secret"
+        )
+    # Given the test database named by a secret only
+    cli_secret_env(rds_secret(database_url) | {"sslmode": "disable"})
+    # When an operator enqueues, looks at the stats and checks the migrations
+    assert cli.main(["enqueue", str(uuid.uuid4()), "ingest_slack"]) == 0
+    job = uuid.UUID(capsys.readouterr().out.strip())
+    assert cli.main(["stats"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert cli.main(["migrate", "--check"]) == 0
+    # Then each worked on that database
+    assert queue.get_job(job) is not None
+    assert stats["by_status"] == {"pending": 1}
+    assert capsys.readouterr().out == "up to date: nothing to apply\n"

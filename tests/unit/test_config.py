@@ -11,7 +11,7 @@ import pytest
 from handler.dispatch.routes import DEFAULT_ROUTES, Route
 from handler.errors import ConfigurationError
 from handler.queue.connection import ConnectionSettings, parse_database_url
-from handler.runtime.settings import Settings, parse_settings
+from handler.runtime.settings import Settings, parse_database_settings, parse_settings
 
 PASSWORD = "Pa55-word-that-must-not-leak"
 SERVICE_KEY = "service-role-key-that-must-not-leak"
@@ -499,3 +499,41 @@ def test_a_malformed_retention_names_the_variable(raw: str) -> None:
     with pytest.raises(ConfigurationError) as caught:
         settings(COMPLETED_RETENTION=raw)
     assert caught.value.variable == "COMPLETED_RETENTION"
+
+
+# --- the database part alone (the command line's) ----------------------------------------------
+
+
+def test_parse_database_settings_reads_only_the_database_variables() -> None:
+    result = parse_database_settings({"DATABASE_URL": ENV["DATABASE_URL"]})
+    assert result is not None
+    assert result.url_settings == parse_database_url(ENV["DATABASE_URL"])
+    assert result.connection_settings() == settings().database
+
+
+def test_parse_database_settings_is_none_without_url_or_secret() -> None:
+    assert parse_database_settings({"SUPABASE_URL": "https://xyz.supabase.co"}) is None
+    assert parse_database_settings({"DATABASE_URL": "  "}) is None
+
+
+def test_parse_database_settings_takes_the_secret_when_there_is_no_url() -> None:
+    arn = "arn:aws:secretsmanager:us-east-1:123456789012:secret:db-AbCdEf"
+    result = parse_database_settings({"DATABASE_SECRET_ARN": arn})
+    assert result is not None
+    assert (result.url_settings, result.secret_arn) == (None, arn)
+    assert parse_database_settings(
+        {"DATABASE_SECRET_ARN": arn, "DATABASE_URL": ENV["DATABASE_URL"]}
+    )
+    with pytest.raises(ConfigurationError) as caught:
+        parse_database_settings({"DATABASE_SECRET_ARN": "db-secret"})
+    assert caught.value.variable == "DATABASE_SECRET_ARN"
+
+
+def test_parse_database_settings_is_what_parse_settings_uses() -> None:
+    """The same rules (one function): an error in DATABASE_URL is the same error either way."""
+    bad = {"DATABASE_URL": "postgresql://u:p@h:99999/d"}
+    with pytest.raises(ConfigurationError) as alone:
+        parse_database_settings(bad)
+    with pytest.raises(ConfigurationError) as whole:
+        settings(**bad)
+    assert str(alone.value) == str(whole.value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -49,6 +50,7 @@ def _no_users_data_folder() -> Iterator[None]:
         patch.setenv("XDG_DATA_HOME", str(folder / "data"))
         patch.setenv("QUEUE_WORKER_DATA_DIR", str(folder / "data" / "queue-worker" / "pgdata"))
         yield
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

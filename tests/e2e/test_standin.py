@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeoutError
 from typing import Any
 
-import httpx2
+import httpx
 import pytest
 
 from handler.local.standin import FunctionStats, ReceivedRequest, StandIn
@@ -126,7 +126,7 @@ def test_default_answer_is_200_ok_and_the_request_is_recorded(standin: StandIn) 
 
 def test_base_url_points_at_the_server(standin: StandIn) -> None:
     assert standin.base_url == f"http://127.0.0.1:{standin.port}"
-    response = httpx2.post(
+    response = httpx.post(
         f"{standin.base_url}/resize", json=job(), headers=job_headers(), timeout=TIMEOUT_S
     )
     assert response.status_code == 200
@@ -195,8 +195,8 @@ def test_connection_close_is_honoured(standin: StandIn) -> None:
 
 def test_many_concurrent_clients(standin: StandIn) -> None:
     async def run() -> list[int]:
-        limits = httpx2.Limits(max_connections=50, max_keepalive_connections=50)
-        async with httpx2.AsyncClient(limits=limits, timeout=TIMEOUT_S) as client:
+        limits = httpx.Limits(max_connections=50, max_keepalive_connections=50)
+        async with httpx.AsyncClient(limits=limits, timeout=TIMEOUT_S) as client:
             responses = await asyncio.gather(
                 *(
                     client.post(
@@ -401,8 +401,8 @@ def test_reset_restarts_fail_times_counters(standin: StandIn) -> None:
 def test_close_closes_without_answering(standin: StandIn) -> None:
     assert raw_exchange(standin, raw_post("fn", job(simulate={"close": True}))) == b""
 
-    with pytest.raises(httpx2.RemoteProtocolError):
-        httpx2.post(f"{standin.base_url}/fn", json=job(simulate={"close": True}), timeout=TIMEOUT_S)
+    with pytest.raises(httpx.RemoteProtocolError):
+        httpx.post(f"{standin.base_url}/fn", json=job(simulate={"close": True}), timeout=TIMEOUT_S)
 
 
 def test_garbage_is_not_http(standin: StandIn) -> None:
@@ -411,8 +411,8 @@ def test_garbage_is_not_http(standin: StandIn) -> None:
     assert answer  # something came back, then the server closed
     assert not answer.startswith(b"HTTP/")
 
-    with pytest.raises(httpx2.RemoteProtocolError):
-        httpx2.post(
+    with pytest.raises(httpx.RemoteProtocolError):
+        httpx.post(
             f"{standin.base_url}/fn", json=job(simulate={"garbage": True}), timeout=TIMEOUT_S
         )
 
@@ -434,8 +434,8 @@ def test_hang_never_answers_and_keeps_the_connection_open(standin: StandIn) -> N
 def test_hang_with_a_client_timeout(standin: StandIn) -> None:
     standin.configure("stuck", {"hang": True})
 
-    with pytest.raises(httpx2.ReadTimeout):
-        httpx2.post(f"{standin.base_url}/stuck", json=job(), timeout=SILENCE_S)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{standin.base_url}/stuck", json=job(), timeout=SILENCE_S)
 
 
 def test_delay_ms_in_a_behaviour_delays_the_answer(standin: StandIn) -> None:
@@ -805,7 +805,7 @@ def test_command_line_runs_in_the_foreground() -> None:
         match = re.fullmatch(r"listening on http://127\.0\.0\.1:(\d+)", line)
         assert match, line
         port = int(match[1])
-        response = httpx2.post(f"http://127.0.0.1:{port}/fn", json=job(), timeout=TIMEOUT_S)
+        response = httpx.post(f"http://127.0.0.1:{port}/fn", json=job(), timeout=TIMEOUT_S)
         assert response.json() == {"ok": True}
     finally:
         process.terminate()

@@ -1,22 +1,37 @@
-"""The POST of one job to its function (DESIGN section 3): URL, headers, body, classification.
+"""The POST of one job to its function: URL, headers, body, and what came back.
 
-An `httpx2.Client` per dispatch thread, created once per container, each over a lean keep-alive
-transport (see http_transport.py); TLS always verified. httpx2 is the maintained fork of httpx
-with the same API; the README's benchmark says why this stack.
+Stock httpx 0.28 over its own transport (httpcore and h11: no HTTP parsing here). Each dispatch
+thread has an `httpx.Client` of its own, created on first use and kept for the container's life:
+one client shared by 50 threads serialises them on its pool's lock. What the client is left to
+do, and what it is told:
+
+- TLS always verified, with one `ssl.SSLContext` for every client: loading the CAs is slow
+  (tens of milliseconds, more on a small Lambda), so it is done once per container.
+- Redirects never followed: a redirect could carry the service role key to another host.
+- The proxy environment (HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, NO_PROXY) is honoured: the client
+  is built without a transport of ours, so httpx mounts its proxies as it always does.
+- Idle keep-alive connections expire before a server or a NAT would drop them (KEEPALIVE_S);
+  httpcore also refuses to reuse an idle connection whose socket became readable (the peer
+  closed it), and it retries on another connection only a request that provably never left
+  (ConnectionNotAvailable). Nothing here retries: a request must not reach a function twice.
+- One deadline bounds the whole call (deadline.py); an answer is read up to
+  MAX_RESPONSE_BYTES, whatever its size or framing.
 """
 
 from __future__ import annotations
 
+import http.cookiejar
 import json
 import ssl
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote
 
-import httpx2
+import httpx
 
-from handler.dispatch.http_transport import KeepAliveTransport
+from handler.dispatch.deadline import LaneWatch, Phase, Watchdog
 from handler.dispatch.outcomes import Outcome, classify_network_error, classify_response
 from handler.dispatch.routes import Route
 from handler.queue.store import ClaimedJob
@@ -24,7 +39,19 @@ from handler.queue.store import ClaimedJob
 # A function's answer is read up to this much: enough for an error excerpt, bounded memory.
 MAX_RESPONSE_BYTES = 64 * 1024
 USER_AGENT = "queue-worker"
+# Below the idle timeout of the servers and middleboxes a function may sit behind (Node's
+# HTTP server closes idle connections after 5 s, load balancers after 60 s, NAT gateways after
+# a few minutes): a connection is given up here before the peer could close it under a request
+# being sent. It costs nothing: a lane's calls follow each other with no idle time in between,
+# and invocations a minute apart could not share a connection below 60 s anyway.
+KEEPALIVE_S = 4.0
 _TIMEOUT_PHASES = ("connect", "read", "write", "pool")
+# What a call cut at its deadline reports, by how far it got.
+_TIMEOUT_ERRORS: dict[Phase, type[httpx.TimeoutException]] = {
+    "connect": httpx.ConnectTimeout,
+    "write": httpx.WriteTimeout,
+    "read": httpx.ReadTimeout,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,16 +75,42 @@ def request_body(job: ClaimedJob) -> bytes:
     return f'{envelope[:-1]},"payload":{job.payload_json}}}'.encode()
 
 
-def _read_bounded(response: httpx2.Response) -> str:
-    """The body, up to MAX_RESPONSE_BYTES: a huge answer costs no memory."""
+def default_ssl_context() -> ssl.SSLContext:
+    """httpx's own default: certifi's CAs, or SSL_CERT_FILE / SSL_CERT_DIR when set; always
+    verifying certificates and host names."""
+    return httpx.create_ssl_context()
+
+
+def _read_bounded(response: httpx.Response) -> str:
+    """The body as it came (no Content-Encoding is asked for, none is decoded), up to
+    MAX_RESPONSE_BYTES: a huge answer costs no memory, and the rest of it is never read (closing
+    the response then drops its connection)."""
     chunks: list[bytes] = []
     size = 0
-    for chunk in response.iter_bytes():
+    for chunk in response.iter_raw():
         chunks.append(chunk)
         size += len(chunk)
         if size >= MAX_RESPONSE_BYTES:
             break
     return b"".join(chunks)[:MAX_RESPONSE_BYTES].decode("utf-8", "replace")
+
+
+class _NoCookies(http.cookiejar.CookieJar):
+    """Keeps no cookie. The worker's requests are built whole and never carry the client's
+    cookies, so storing what functions set would only cost time on every answer."""
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        return None
+
+
+class _Lane:
+    """A dispatch thread's client, and what the watchdog knows of its calls."""
+
+    __slots__ = ("client", "watch")
+
+    def __init__(self, client: httpx.Client, watch: LaneWatch) -> None:
+        self.client = client
+        self.watch = watch
 
 
 class Dispatcher:
@@ -69,78 +122,109 @@ class Dispatcher:
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self._key = service_role_key
-        self._secrets = (service_role_key,)
-        # One context for all clients (loading the system's CAs costs ~0.2 s); always verifying.
-        self._ssl = ssl_context or ssl.create_default_context()
+        self.set_service_role_key(service_role_key)
+        self.ssl_context = ssl_context or default_ssl_context()
         self._local = threading.local()
-        self._clients: list[httpx2.Client] = []
-        self._clients_lock = threading.Lock()
-        self._urls: dict[str, httpx2.URL] = {}  # parsed once per function
+        self._lanes: list[_Lane] = []
+        self._lanes_lock = threading.Lock()
+        self._watchdog = Watchdog()
+        self._urls: dict[str, httpx.URL] = {}  # parsed once per function
 
-    def _client(self) -> httpx2.Client:
-        """The calling thread's client. One pool shared by many threads serialises them on its
-        lock; a client per dispatch thread (one keep-alive connection each) does not."""
-        client: httpx2.Client | None = getattr(self._local, "client", None)
-        if client is None:
-            client = httpx2.Client(
-                transport=KeepAliveTransport(self._ssl),
+    def _lane(self) -> _Lane:
+        lane: _Lane | None = getattr(self._local, "lane", None)
+        if lane is None:
+            client = httpx.Client(
+                verify=self.ssl_context,
+                # One connection: a client serves one thread, one call at a time.
+                limits=httpx.Limits(
+                    max_connections=1, max_keepalive_connections=1, keepalive_expiry=KEEPALIVE_S
+                ),
                 follow_redirects=False,  # a redirect could carry the key elsewhere
+                trust_env=True,  # the proxy environment
+                cookies=_NoCookies(),
             )
-            self._local.client = client
-            with self._clients_lock:
-                self._clients.append(client)
-        return client
+            lane = self._local.lane = _Lane(client, LaneWatch(self._watchdog))
+            with self._lanes_lock:
+                self._lanes.append(lane)
+        return lane
 
     def set_service_role_key(self, key: str) -> None:
         """A rotated key takes effect from the next call on."""
-        self._key = key
+        self._authorization = f"Bearer {key}"
         self._secrets = (key,)
+        # A header carries printable ASCII only; h11 would refuse the key after connecting, and
+        # its message would quote the key.
+        self._key_problem = (
+            None
+            if key.isascii() and key.isprintable() and key == key.strip()
+            else "the service role key cannot be sent in an HTTP header: it must be printable "
+            "ASCII without leading or trailing spaces; check SUPABASE_SERVICE_ROLE_KEY"
+        )
 
-    def url_for(self, route: Route) -> httpx2.URL:
+    def url_for(self, route: Route) -> httpx.URL:
         url = self._urls.get(route.function)
         if url is None:
             # The route was validated as one plain segment; quote() is a second fence.
-            url = httpx2.URL(f"{self.base_url}/{quote(route.function, safe='')}")
+            url = httpx.URL(f"{self.base_url}/{quote(route.function, safe='')}")
             self._urls[route.function] = url  # a race only parses it twice
         return url
 
     def post(self, job: ClaimedJob, route: Route, timeout: float) -> Delivery:
         """Sends the job; never raises for what the function or the network did."""
         started = time.perf_counter()
-        client = self._client()
+        if self._key_problem is not None:
+            outcome = classify_network_error(route.function, ValueError(self._key_problem))
+            return Delivery(outcome, 0.0)
+        lane = self._lane()
+        url = self.url_for(route)
+        body = request_body(job)
+        call = lane.watch.begin(timeout)
+        error: Exception | None = None
         try:
-            # A Request built whole rather than through client.build_request, which would
-            # merge (and re-parse) the URL and the client's default headers on every call.
-            request = httpx2.Request(
+            # A Request built whole rather than through client.build_request, which would merge
+            # (and re-parse) the URL and the client's default headers on every call; from a
+            # stream, with its headers complete, so that httpx has nothing to add or encode.
+            request = httpx.Request(
                 "POST",
-                self.url_for(route),
-                content=request_body(job),
+                url,
+                stream=httpx.ByteStream(body),
                 headers={
-                    "Authorization": f"Bearer {self._key}",
+                    "Host": url.netloc.decode("ascii"),
+                    "Content-Length": str(len(body)),
+                    "Authorization": self._authorization,
                     "Content-Type": "application/json",
                     "Idempotency-Key": str(job.id),
                     "User-Agent": USER_AGENT,
                 },
-                extensions={"timeout": dict.fromkeys(_TIMEOUT_PHASES, timeout)},
+                extensions={
+                    "timeout": dict.fromkeys(_TIMEOUT_PHASES, timeout),
+                    "trace": lane.watch.trace,
+                },
             )
-            response = client.send(request, stream=True)
+            response = lane.client.send(request, stream=True)
             try:
-                body = _read_bounded(response)
+                text = _read_bounded(response)
             finally:
                 response.close()
-        except (httpx2.HTTPError, OSError, ValueError) as exc:
-            # ValueError: a header httpx2 cannot encode (a key that is not ASCII, say) is one.
-            outcome = classify_network_error(route.function, exc, secrets=self._secrets)
-            return Delivery(outcome, (time.perf_counter() - started) * 1000)
+        except (httpx.HTTPError, OSError, ValueError) as exc:
+            error = exc
+        finally:
+            expired = lane.watch.end(call)
         latency = (time.perf_counter() - started) * 1000
+        if error is not None:
+            if expired:
+                # The watchdog cut the connection: what httpcore saw was the end of the stream.
+                error = _TIMEOUT_ERRORS[call.phase](call.timeout_message())
+            outcome = classify_network_error(route.function, error, secrets=self._secrets)
+            return Delivery(outcome, latency)
         outcome = classify_response(
-            route.function, response.status_code, response.headers, body, secrets=self._secrets
+            route.function, response.status_code, response.headers, text, secrets=self._secrets
         )
         return Delivery(outcome, latency)
 
     def close(self) -> None:
-        with self._clients_lock:
-            for client in self._clients:
-                client.close()
-            self._clients.clear()
+        self._watchdog.close()
+        with self._lanes_lock:
+            for lane in self._lanes:
+                lane.client.close()
+            self._lanes.clear()

@@ -1,14 +1,14 @@
 """Which HTTP client stack should the worker use? Throughput and CPU per request.
 
-Every stack keeps the httpx API (the worker's code does not change), except one reference row:
+Every stack keeps the httpx API, except one reference row:
 
 1. ``httpx.AsyncClient`` (httpx 0.28, httpcore 1.0 + h11 over anyio), as installed, and again
    with ``sniffio`` importable (see ``install_sniffio_shim``),
-2. ``httpx2.AsyncClient`` (the maintained fork),
-3. ``httpx.AsyncClient`` over a minimal aiohttp transport (aiohttp's C parser, defined below),
-4. a pool of 50 threads sharing one ``httpx.Client``,
-5. a pool of 50 threads sharing one ``httpx2.Client``,
-6. reference, not the httpx API: ``aiohttp.ClientSession`` used directly.
+2. ``httpx.AsyncClient`` over a minimal aiohttp transport (aiohttp's C parser, defined below),
+3. a pool of 50 threads sharing one ``httpx.Client``,
+4. the worker's: a pool of 50 threads, each with an ``httpx.Client`` of its own, through
+   ``handler.dispatch.client.Dispatcher`` (its whole-call deadline included),
+5. reference, not the httpx API: ``aiohttp.ClientSession`` used directly.
 
 Each posts the worker's request (small JSON body, ``Authorization``, ``Idempotency-Key``) with 50
 requests in flight to the stand-in (``handler.local.standin``, its own process), answering after 0 ms
@@ -61,14 +61,12 @@ RESULTS = Path(__file__).resolve().parent / "results" / "http_stacks.md"
 STACKS = {
     "httpx-async": "httpx.AsyncClient (0.28), as installed",
     "httpx-async-sniffio": "httpx.AsyncClient (0.28) + sniffio",
-    "httpx2-async": "httpx2.AsyncClient",
     "httpx-aiohttp": "httpx.AsyncClient + aiohttp transport",
     "httpx-threads": "httpx.Client, 50 threads",
-    "httpx2-threads": "httpx2.Client, 50 threads",
-    "httpx2-ours": "httpx2.Client per thread over handler's KeepAliveTransport, 50 threads (the worker's)",
+    "ours": "httpx.Client per thread through handler's Dispatcher, 50 threads (the worker's)",
     "aiohttp-raw": "aiohttp.ClientSession (reference: not the httpx API)",
 }
-PACKAGES = ("httpx", "httpcore", "h11", "httpx2", "httpcore2", "anyio", "aiohttp", "multidict")
+PACKAGES = ("httpx", "httpcore", "h11", "anyio", "aiohttp", "multidict")
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,6 +85,29 @@ def job(n: int) -> tuple[dict[str, Any], dict[str, str]]:
         "payload": {"object": f"s3://uploads/tenant-0042/{n}.png", "width": 320, "height": 240},
     }
     return body, {"Authorization": "Bearer bench-secret-key", "Idempotency-Key": job_id}
+
+
+def claimed_job(n: int) -> Any:
+    """The same job as ``job(n)``, as the worker holds it after a claim."""
+    import uuid
+
+    from handler.queue.store import ClaimedJob
+
+    body, _ = job(n)
+    now = dt.datetime.now(dt.UTC)
+    return ClaimedJob(
+        id=uuid.UUID(body["job_id"]),
+        tenant_id=uuid.UUID(int=42),
+        job_type=body["job_type"],
+        payload_json=json.dumps(body["payload"]),
+        priority=0,
+        attempt=1,
+        max_attempts=5,
+        scheduled_at=now,
+        locked_until=now,
+        created_at=now,
+        rescued=False,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,20 +319,17 @@ def measure(stack: str, url: str, n: int, server_pid: int) -> dict[str, Any]:
     meter = Meter(server_pid)
     if stack == "httpx-async-sniffio":
         install_sniffio_shim()
-    if stack in ("httpx-async", "httpx-async-sniffio", "httpx2-async", "httpx-aiohttp"):
+    if stack in ("httpx-async", "httpx-async-sniffio", "httpx-aiohttp"):
         import httpx
-        import httpx2
-
-        module: Any = httpx2 if stack == "httpx2-async" else httpx
 
         def make_async() -> Any:
-            limits = module.Limits(
+            limits = httpx.Limits(
                 max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY
             )
             if stack == "httpx-aiohttp":
                 transport = make_aiohttp_transport(CONCURRENCY)
-                return module.AsyncClient(transport=transport, timeout=TIMEOUT_S)
-            return module.AsyncClient(limits=limits, timeout=TIMEOUT_S)
+                return httpx.AsyncClient(transport=transport, timeout=TIMEOUT_S)
+            return httpx.AsyncClient(limits=limits, timeout=TIMEOUT_S)
 
         async def post_async(client: Any, i: int) -> int:
             body, headers = job(i)
@@ -319,52 +337,36 @@ def measure(stack: str, url: str, n: int, server_pid: int) -> dict[str, Any]:
             return int(response.status_code)
 
         statuses = run_async(make_async, post_async, n, meter)
-    elif stack in ("httpx-threads", "httpx2-threads"):
+    elif stack == "httpx-threads":
         import httpx
-        import httpx2
-
-        sync_module: Any = httpx2 if stack == "httpx2-threads" else httpx
 
         def make_sync() -> Any:
-            limits = sync_module.Limits(
+            limits = httpx.Limits(
                 max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY
             )
-            return sync_module.Client(limits=limits, timeout=TIMEOUT_S)
+            return httpx.Client(limits=limits, timeout=TIMEOUT_S)
 
         def post_sync(client: Any, i: int) -> int:
             body, headers = job(i)
             return int(client.post(url, json=body, headers=headers).status_code)
 
         statuses = run_threads(make_sync, post_sync, n, meter)
-    elif stack == "httpx2-ours":
-        import ssl
+    elif stack == "ours":
+        from handler.dispatch.client import Dispatcher
+        from handler.dispatch.routes import Route
 
-        import httpx2
+        base_url, _, function = url.rpartition("/")
+        route = Route(function)
 
-        from handler.dispatch.http_transport import KeepAliveTransport
+        def make_dispatcher() -> Any:
+            # Each pool thread makes its own client on its first call, as the worker's do.
+            return Dispatcher(base_url, "bench-secret-key")
 
-        context = ssl.create_default_context()
+        def post_dispatch(dispatcher: Any, i: int) -> int:
+            delivery = dispatcher.post(claimed_job(i), route, TIMEOUT_S)
+            return int(delivery.outcome.status or 0)
 
-        class PerThread(threading.local):
-            """Each pool thread makes its own client on first use (as the worker does)."""
-
-            client: Any = None
-
-            def close(self) -> None:
-                pass  # the run's process ends right after
-
-        def make_per_thread() -> Any:
-            return PerThread()
-
-        def post_per_thread(holder: Any, i: int) -> int:
-            client = holder.client
-            if client is None:
-                transport = KeepAliveTransport(context)
-                client = holder.client = httpx2.Client(transport=transport, timeout=TIMEOUT_S)
-            body, headers = job(i)
-            return int(client.post(url, json=body, headers=headers).status_code)
-
-        statuses = run_threads(make_per_thread, post_per_thread, n, meter)
+        statuses = run_threads(make_dispatcher, post_dispatch, n, meter)
     elif stack == "aiohttp-raw":
         import aiohttp
 

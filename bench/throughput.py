@@ -11,9 +11,9 @@ Contenders (each run in a fresh child process, so imports, pools and clients nev
    one at a time, over pg8000 and a synchronous ``httpx.Client``;
 4. PgQueuer and 5. procrastinate, each POSTing every job from an entrypoint/task per job type
    with an async HTTP client (50 requests in flight), at the settings ``--tune`` found best
-   (``PEER_SETTINGS`` below; ``bench/results/peer_tuning.md``), three times over: with
-   ``httpx2.AsyncClient`` (the httpx API, as ours: "the best peer" of the targets), with
-   ``httpx.AsyncClient`` 0.28, and with ``aiohttp.ClientSession`` (outside the httpx API).
+   (``PEER_SETTINGS`` below; ``bench/results/peer_tuning.md``), twice over: with
+   ``httpx.AsyncClient`` 0.28 (the httpx API, as ours: "the best peer" of the targets), and
+   with ``aiohttp.ClientSession`` (outside the httpx API).
 
 Workloads: ``--jobs 5000 --delay-ms 0`` and ``--jobs 1000 --delay-ms 50`` (default: both).
 The jobs (10 tenants, the 5 job types of the default routes, payload ``{"seq": i}``) are
@@ -72,21 +72,16 @@ CONTENDERS = {
     "seed": "the seed's design (claim one, POST, settle)",
     "pgqueuer": "PgQueuer (aiohttp)",
     "procrastinate": "procrastinate (aiohttp)",
-    "pgqueuer-httpx2": "PgQueuer (httpx2)",
-    "procrastinate-httpx2": "procrastinate (httpx2)",
     "pgqueuer-httpx": "PgQueuer (httpx 0.28)",
     "procrastinate-httpx": "procrastinate (httpx 0.28)",
 }
 PEERS = ("pgqueuer", "procrastinate")
-# The comparison the targets are about: the peers POSTing through the same API as ours (the
-# httpx API; httpx2.AsyncClient is their fastest client with it). The aiohttp rows show how far
-# a client outside that API takes them.
-SAME_API_PEERS = ("pgqueuer-httpx2", "procrastinate-httpx2")
-# The peers by HTTP client, for the targets: httpx 0.28 is the client the issue's figures for
-# the peers were taken with; httpx2 the fastest with the httpx API; aiohttp outside that API.
+# The comparison the targets are about: the peers POSTing through the same package as ours
+# (httpx 0.28, the client the issue's figures for the peers were taken with). The aiohttp rows
+# show how far a client outside that API takes them.
+SAME_API_PEERS = ("pgqueuer-httpx", "procrastinate-httpx")
 PEER_FAMILIES = {
-    "httpx2.AsyncClient": SAME_API_PEERS,
-    "httpx.AsyncClient 0.28": ("pgqueuer-httpx", "procrastinate-httpx"),
+    "httpx.AsyncClient 0.28": SAME_API_PEERS,
     "aiohttp (not the httpx API)": ("pgqueuer", "procrastinate"),
 }
 OURS = ("ours", "ours-idem")
@@ -97,16 +92,9 @@ OURS = ("ours", "ours-idem")
 _PGQUEUER = {"concurrency_limit": 0, "driver": "connection"}
 PEER_SETTINGS: dict[str, dict[str, Any]] = {
     "pgqueuer": _PGQUEUER | {"batch_size": 100, "http": "aiohttp"},
-    "pgqueuer-httpx2": _PGQUEUER | {"batch_size": 100, "http": "httpx2"},
     # httpx 0.28's pool costs more per request the more requests are in flight: small batches.
     "pgqueuer-httpx": _PGQUEUER | {"batch_size": 10, "http": "httpx"},
     "procrastinate": {"concurrency": 50, "pool_size": 4, "http": "aiohttp"},
-    "procrastinate-httpx2": {
-        "concurrency": 50,
-        "pool_size": 4,
-        "listen_notify": False,
-        "http": "httpx2",
-    },
     "procrastinate-httpx": {
         "concurrency": 50,
         "pool_size": 10,
@@ -138,15 +126,6 @@ TUNING: dict[str, dict[str, dict[str, Any]]] = {
             "driver": "connection",
             "http": "httpx",
         },
-        **{
-            f"batch {size}, httpx2": {
-                "batch_size": size,
-                "concurrency_limit": 0,
-                "driver": "connection",
-                "http": "httpx2",
-            }
-            for size in (10, 50, 100)
-        },
     },
     "procrastinate": {
         "pool 4 (default)": {"concurrency": 50, "pool_size": 4},
@@ -161,20 +140,10 @@ TUNING: dict[str, dict[str, dict[str, Any]]] = {
             "listen_notify": False,
             "http": "httpx",
         },
-        **{
-            f"pool {size}, no LISTEN, httpx2": {
-                "concurrency": 50,
-                "pool_size": size,
-                "listen_notify": False,
-                "http": "httpx2",
-            }
-            for size in (4, 10, 25)
-        },
     },
 }
 PACKAGES = (
     "pg8000",
-    "httpx2",
     "aws-lambda-powertools",
     "httpx",
     "pgqueuer",
@@ -388,15 +357,6 @@ class PeerHttp:
             self._client = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=CONCURRENCY, keepalive_timeout=30),
                 timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S),
-            )
-        elif self.kind == "httpx2":
-            import httpx2
-
-            self._client = httpx2.AsyncClient(
-                limits=httpx2.Limits(
-                    max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY
-                ),
-                timeout=HTTP_TIMEOUT_S,
             )
         else:
             import httpx
@@ -953,8 +913,8 @@ def tune(args: argparse.Namespace) -> None:
         f"- {info['packages']}",
         f"- load average (1 min) before / after: {info['load_before']} / {info['load_after']}",
         "- Every variant POSTs with aiohttp (50 connections) unless it says httpx "
-        "(`httpx.AsyncClient` 0.28) or httpx2 (`httpx2.AsyncClient`), 50 connections too. Same "
-        "workload, stand-in and checks as the throughput benchmark.",
+        "(`httpx.AsyncClient` 0.28, 50 connections too). Same workload, stand-in and checks as "
+        "the throughput benchmark.",
         "",
         "| peer | variant | settings | jobs | delay | jobs/s | CPU ms/job | check |",
         "|---|---|---|---:|---:|---:|---:|---|",
@@ -1066,12 +1026,11 @@ def report(
         "- the seed's design: `claim_next_job`, POST, `complete_job`, one job at a time, "
         "pg8000 and a synchronous `httpx.Client` (0.28).",
         "- PgQueuer: `QueueManager` in drain mode, one entrypoint per job type. procrastinate: "
-        "`run_worker_async(wait=False)`, one task per job type. Each peer runs three times, "
-        "with each HTTP client it could POST with: `httpx2.AsyncClient` (the httpx API, as "
-        "ours, and the peers' fastest client with it: the comparison the targets are about, "
-        '"vs best peer"); `httpx.AsyncClient` 0.28 (the httpx release the issue\'s figures for '
-        "the peers come from); `aiohttp.ClientSession` (a client outside the httpx API, for "
-        "reference). 50 connections, so at most 50 requests in flight, everywhere. Each at the "
+        "`run_worker_async(wait=False)`, one task per job type. Each peer runs twice, with "
+        "each HTTP client it could POST with: `httpx.AsyncClient` 0.28 (the httpx package, as "
+        "ours, and the release the issue's figures for the peers come from: the comparison "
+        'the targets are about, "vs best peer"); `aiohttp.ClientSession` (a client outside the '
+        "httpx API, for reference). 50 connections, so at most 50 requests in flight, everywhere. Each at the "
         "settings `--tune` found best for it with that client (`peer_tuning.md`): "
         + "; ".join(
             f"{CONTENDERS[name]} `{json.dumps(settings)}`"

@@ -29,12 +29,17 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+import httpcore  # noqa: F401  # see below
 import httpx
 
 from handler.dispatch.deadline import LaneWatch, Phase, Watchdog
 from handler.dispatch.outcomes import Outcome, classify_network_error, classify_response
 from handler.dispatch.routes import Route
 from handler.queue.store import ClaimedJob
+
+# httpx imports httpcore when it makes its first client. Imported above, with this module, it
+# is paid for when the container starts rather than in a batch's first round, where every
+# dispatch thread would wait for whichever imports it.
 
 # A function's answer is read up to this much: enough for an error excerpt, bounded memory.
 MAX_RESPONSE_BYTES = 64 * 1024

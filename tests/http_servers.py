@@ -110,6 +110,7 @@ class ScriptedServer:
                 self.unfinished += 1
                 raise
             if answer.close:
+                _end_when_seen(conn)
                 return True
 
     def wait_closed(self, count: int, timeout: float = 10) -> None:
@@ -119,6 +120,23 @@ class ScriptedServer:
 
     def close(self) -> None:
         self._listener.close()
+
+
+# Linux's TCP states (tcp_states.h) in which the peer has acknowledged our FIN.
+_FIN_ACKNOWLEDGED = {5, 6, 7}  # FIN_WAIT2, TIME_WAIT, CLOSE
+
+
+def _end_when_seen(conn: socket.socket) -> None:
+    """Half-closes a plain connection and returns once the peer's kernel has acknowledged the
+    FIN, so the client's socket is readable (at its end) before the test goes on. TCP_INFO's
+    first byte is the connection's state; there is no event to wait on instead."""
+    if isinstance(conn, ssl.SSLSocket):
+        return
+    conn.shutdown(socket.SHUT_WR)
+    give_up = time.monotonic() + 10
+    while conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] not in _FIN_ACKNOWLEDGED:
+        assert time.monotonic() < give_up, "the client never acknowledged the FIN"
+        time.sleep(0.001)
 
 
 @dataclass

@@ -108,6 +108,20 @@ def test_tls_verification_stays_on() -> None:
     assert context.verify_mode == ssl.CERT_REQUIRED
     assert context.check_hostname is True
     assert dispatcher.url_for(Route("ingest-slack")).scheme == "https"
+    assert context.cert_store_stats()["x509_ca"] > 0  # the CAs are loaded
+
+
+def test_a_plain_http_dispatcher_loads_no_ca_and_its_context_would_refuse() -> None:
+    # Plain HTTP (the stand-in, local runs) makes no TLS connection; the context it holds is
+    # still a verifying one, trusting nobody.
+    dispatcher = Dispatcher("http://127.0.0.1:1/functions/v1", "key")
+    try:
+        context = dispatcher.ssl_context
+    finally:
+        dispatcher.close()
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.check_hostname is True
+    assert context.cert_store_stats()["x509_ca"] == 0
 
 
 # Text PostgreSQL's jsonb can hold: no NUL, no lone surrogate.

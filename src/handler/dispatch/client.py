@@ -128,7 +128,15 @@ class Dispatcher:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.set_service_role_key(service_role_key)
-        self.ssl_context = ssl_context or default_ssl_context()
+        if ssl_context is None:
+            if httpx.URL(self.base_url).scheme == "https":
+                ssl_context = default_ssl_context()
+            else:
+                # Over plain HTTP no TLS connection is ever made (redirects are not followed):
+                # a context that trusts no CA costs nothing to make, where loading the CAs for
+                # nothing would delay the first batch; were it ever used, it would refuse.
+                ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        self.ssl_context = ssl_context
         self._local = threading.local()
         self._lanes: list[_Lane] = []
         self._lanes_lock = threading.Lock()

@@ -60,8 +60,8 @@ def server() -> Iterator[ScriptedServer]:
 
 
 @contextlib.contextmanager
-def dispatcher_for(url: str, **kwargs: object) -> Iterator[Dispatcher]:
-    dispatcher = Dispatcher(url, "the-key", **kwargs)  # type: ignore[arg-type]
+def dispatcher_for(url: str, ssl_context: ssl.SSLContext | None = None) -> Iterator[Dispatcher]:
+    dispatcher = Dispatcher(url, "the-key", ssl_context=ssl_context)
     try:
         yield dispatcher
     finally:

@@ -43,7 +43,7 @@ from handler.queue.store import ClaimedJob
 
 # A function's answer is read up to this much: enough for an error excerpt, bounded memory.
 MAX_RESPONSE_BYTES = 64 * 1024
-USER_AGENT = "queue-worker"
+USER_AGENT = b"queue-worker"
 # Below the idle timeout of the servers and middleboxes a function may sit behind (Node's
 # HTTP server closes idle connections after 5 s, load balancers after 60 s, NAT gateways after
 # a few minutes): a connection is given up here before the peer could close it under a request
@@ -163,16 +163,18 @@ class Dispatcher:
 
     def set_service_role_key(self, key: str) -> None:
         """A rotated key takes effect from the next call on."""
-        self._authorization = f"Bearer {key}"
         self._secrets = (key,)
         # A header carries printable ASCII only; h11 would refuse the key after connecting, and
         # its message would quote the key.
-        self._key_problem = (
-            None
-            if key.isascii() and key.isprintable() and key == key.strip()
-            else "the service role key cannot be sent in an HTTP header: it must be printable "
-            "ASCII without leading or trailing spaces; check SUPABASE_SERVICE_ROLE_KEY"
-        )
+        if key.isascii() and key.isprintable() and key == key.strip():
+            self._key_problem: str | None = None
+            self._authorization = b"Bearer " + key.encode("ascii")
+        else:
+            self._key_problem = (
+                "the service role key cannot be sent in an HTTP header: it must be printable "
+                "ASCII without leading or trailing spaces; check SUPABASE_SERVICE_ROLE_KEY"
+            )
+            self._authorization = b""
 
     def url_for(self, route: Route) -> httpx.URL:
         url = self._urls.get(route.function)
@@ -196,19 +198,20 @@ class Dispatcher:
         try:
             # A Request built whole rather than through client.build_request, which would merge
             # (and re-parse) the URL and the client's default headers on every call; from a
-            # stream, with its headers complete, so that httpx has nothing to add or encode.
+            # stream, with its headers complete and in bytes, so httpx has nothing to add or
+            # encode.
             request = httpx.Request(
                 "POST",
                 url,
                 stream=httpx.ByteStream(body),
-                headers={
-                    "Host": url.netloc.decode("ascii"),
-                    "Content-Length": str(len(body)),
-                    "Authorization": self._authorization,
-                    "Content-Type": "application/json",
-                    "Idempotency-Key": str(job.id),
-                    "User-Agent": USER_AGENT,
-                },
+                headers=[
+                    (b"Host", url.netloc),
+                    (b"Content-Length", b"%d" % len(body)),
+                    (b"Authorization", self._authorization),
+                    (b"Content-Type", b"application/json"),
+                    (b"Idempotency-Key", str(job.id).encode()),
+                    (b"User-Agent", USER_AGENT),
+                ],
                 extensions={
                     "timeout": dict.fromkeys(_TIMEOUT_PHASES, timeout),
                     "trace": lane.watch.trace,

@@ -5,6 +5,8 @@ command line both call `Worker.run`, so a local run takes the same code path as 
 
 from __future__ import annotations
 
+import functools
+import gc
 import os
 import socket
 import uuid
@@ -37,6 +39,16 @@ if TYPE_CHECKING:
 
 MAINTENANCE_SECONDS = 2.0
 SCHEDULES_SECONDS = 2.0
+
+
+@functools.cache
+def _freeze_long_lived_objects() -> None:
+    """Once per process, when its first worker is made: what is loaded by then (modules,
+    settings, clients) lives as long as the container, so the garbage collector is told never
+    to traverse it again. A batch allocates enough (httpx makes dozens of objects per request)
+    to set off a full collection now and then; over everything a container has loaded, that took
+    100-170 ms with every dispatch thread stopped, in a 1.3 s batch of the throughput benchmark."""
+    gc.freeze()
 
 
 @dataclass(frozen=True)
@@ -74,6 +86,7 @@ class Worker:
             from handler.dispatch.idempotency import idempotency_config
 
             self._idempotency = idempotency_config()
+        _freeze_long_lived_objects()
 
     def run(
         self,

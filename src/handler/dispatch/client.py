@@ -1,15 +1,17 @@
 """The POST of one job to its function: URL, headers, body, and what came back.
 
 Stock httpx 0.28 over its own transport (httpcore and h11: no HTTP parsing here). Each dispatch
-thread has an `httpx.Client` of its own, created on first use and kept for the container's life:
-one client shared by 50 threads serialises them on its pool's lock. What the client is left to
-do, and what it is told:
+thread has a connection pool of its own, created on first use and kept for the container's life:
+one pool shared by 50 threads serialises them on its lock. What httpx is left to do, and what
+it is told:
 
-- TLS always verified, with one `ssl.SSLContext` for every client: loading the CAs is slow
+- TLS always verified, with one `ssl.SSLContext` for every thread: loading the CAs is slow
   (tens of milliseconds, more on a small Lambda), so it is done once per container.
 - Redirects never followed: a redirect could carry the service role key to another host.
-- The proxy environment (HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, NO_PROXY) is honoured: the client
-  is built without a transport of ours, so httpx mounts its proxies as it always does.
+- The proxy environment (HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, NO_PROXY) is honoured: when it
+  names a proxy, each thread sends through an `httpx.Client` built without a transport of ours,
+  so httpx mounts its proxies as it always does; when it names none, through the transport such
+  a client would use (`httpx.HTTPTransport`), without the client's per-request layer.
 - Idle keep-alive connections expire before a server or a NAT would drop them (KEEPALIVE_S);
   httpcore also refuses to reuse an idle connection whose socket became readable (the peer
   closed it), and it retries on another connection only a request that provably never left
@@ -20,11 +22,14 @@ do, and what it is told:
 
 from __future__ import annotations
 
+import functools
 import http.cookiejar
 import json
 import ssl
 import threading
 import time
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -108,13 +113,27 @@ class _NoCookies(http.cookiejar.CookieJar):
         return None
 
 
+def _environment_names_a_proxy() -> bool:
+    """Whether httpx would mount a proxy for some URL: it reads urllib's getproxies() and mounts
+    one for each of http, https and all that is set (NO_PROXY alone only exempts hosts)."""
+    proxies = urllib.request.getproxies()
+    return any(proxies.get(scheme) for scheme in ("http", "https", "all"))
+
+
 class _Lane:
-    """A dispatch thread's client, and what the watchdog knows of its calls."""
+    """A dispatch thread's way of sending (an httpx.Client, or the transport such a client would
+    use), and what the watchdog knows of its calls."""
 
-    __slots__ = ("client", "watch")
+    __slots__ = ("close", "send", "watch")
 
-    def __init__(self, client: httpx.Client, watch: LaneWatch) -> None:
-        self.client = client
+    def __init__(
+        self,
+        send: Callable[[httpx.Request], httpx.Response],
+        close: Callable[[], None],
+        watch: LaneWatch,
+    ) -> None:
+        self.send = send
+        self.close = close
         self.watch = watch
 
 
@@ -137,6 +156,8 @@ class Dispatcher:
                 # nothing would delay the first batch; were it ever used, it would refuse.
                 ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         self.ssl_context = ssl_context
+        # Read once, as httpx reads the proxy environment once per client.
+        self._proxied = _environment_names_a_proxy()
         self._local = threading.local()
         self._lanes: list[_Lane] = []
         self._lanes_lock = threading.Lock()
@@ -146,17 +167,29 @@ class Dispatcher:
     def _lane(self) -> _Lane:
         lane: _Lane | None = getattr(self._local, "lane", None)
         if lane is None:
-            client = httpx.Client(
-                verify=self.ssl_context,
-                # One connection: a client serves one thread, one call at a time.
-                limits=httpx.Limits(
-                    max_connections=1, max_keepalive_connections=1, keepalive_expiry=KEEPALIVE_S
-                ),
-                follow_redirects=False,  # a redirect could carry the key elsewhere
-                trust_env=True,  # the proxy environment
-                cookies=_NoCookies(),
+            # One connection: a client serves one thread, one call at a time.
+            limits = httpx.Limits(
+                max_connections=1, max_keepalive_connections=1, keepalive_expiry=KEEPALIVE_S
             )
-            lane = self._local.lane = _Lane(client, LaneWatch(self._watchdog))
+            watch = LaneWatch(self._watchdog)
+            if self._proxied:
+                client = httpx.Client(
+                    verify=self.ssl_context,
+                    limits=limits,
+                    follow_redirects=False,  # a redirect could carry the key elsewhere
+                    trust_env=True,  # the proxy environment, mounted by httpx
+                    cookies=_NoCookies(),
+                )
+                lane = _Lane(functools.partial(client.send, stream=True), client.close, watch)
+            else:
+                # The transport an httpx.Client would send through when no proxy is named
+                # (httpx's own, configured as the client would configure it), called directly:
+                # the client's per-request work (auth flow, redirect loop, cookie jar, request
+                # log) is for features the worker does not use, and took a sixth of the CPU of
+                # each call. A transport never follows redirects.
+                transport = httpx.HTTPTransport(verify=self.ssl_context, limits=limits)
+                lane = _Lane(transport.handle_request, transport.close, watch)
+            self._local.lane = lane
             with self._lanes_lock:
                 self._lanes.append(lane)
         return lane
@@ -217,7 +250,7 @@ class Dispatcher:
                     "trace": lane.watch.trace,
                 },
             )
-            response = lane.client.send(request, stream=True)
+            response = lane.send(request)
             try:
                 text = _read_bounded(response)
             finally:
@@ -242,5 +275,5 @@ class Dispatcher:
         self._watchdog.close()
         with self._lanes_lock:
             for lane in self._lanes:
-                lane.client.close()
+                lane.close()
             self._lanes.clear()

@@ -167,7 +167,7 @@ class Dispatcher:
     def _lane(self) -> _Lane:
         lane: _Lane | None = getattr(self._local, "lane", None)
         if lane is None:
-            # One connection: a client serves one thread, one call at a time.
+            # One connection: a pool serves one thread, one call at a time.
             limits = httpx.Limits(
                 max_connections=1, max_keepalive_connections=1, keepalive_expiry=KEEPALIVE_S
             )

@@ -24,6 +24,7 @@ from aws_xray_sdk.core.lambda_launcher import LambdaContext
 from handler import app
 from handler.dispatch.guard import DeliveryGuard
 from handler.dispatch.routes import DEFAULT_ROUTES
+from handler.dispatch.tracecontext import w3c_trace_id
 from handler.local.standin import StandIn
 from handler.operate import observability
 from handler.queue.store import QueueStore
@@ -126,6 +127,23 @@ def one_job_per_default_route(queue: QueueStore, failing: str) -> dict[str, str]
     return dict(DEFAULT_ROUTES)
 
 
+def assert_each_request_names_its_dispatch_subsegment_as_parent(
+    xray: RecordingEmitter, standin: StandIn
+) -> None:
+    """The W3C traceparent and the X-Ray header of every POST name the call's own subsegment, in
+    the batch's trace, so that the function's spans nest under it."""
+    requests = {r.body["job_type"]: r.headers for r in standin.requests()}
+    dispatches = xray.dispatches()
+    assert len(requests) == len(dispatches) > 0
+    for dispatch in dispatches:
+        headers = requests[dispatch["annotations"]["job_type"]]
+        trace_id = w3c_trace_id(dispatch["trace_id"])
+        assert headers["traceparent"] == f"00-{trace_id}-{dispatch['id']}-01"
+        assert headers["x-amzn-trace-id"] == (
+            f"Root={dispatch['trace_id']};Parent={dispatch['id']};Sampled=1"
+        )
+
+
 def assert_one_dispatch_subsegment_per_job(
     xray: RecordingEmitter, routes: dict[str, str], *, parent_id: str, trace_id: str, failing: str
 ) -> None:
@@ -157,6 +175,7 @@ def test_each_dispatch_gets_one_subsegment_under_the_batchs_segment_though_it_ru
     queue: QueueStore,
     make_worker: Callable[..., Worker],
     delivery_threads: list[str],
+    standin: StandIn,
 ) -> None:
     # Given tracing on, a segment open in this thread, and five due jobs, one per function,
     # one of which answers 500
@@ -177,6 +196,7 @@ def test_each_dispatch_gets_one_subsegment_under_the_batchs_segment_though_it_ru
         xray, routes, parent_id=segment.id, trace_id=segment.trace_id, failing="process_embeddings"
     )
     assert xray.named("test")["id"] == segment.id  # the segment itself was sent, complete
+    assert_each_request_names_its_dispatch_subsegment_as_parent(xray, standin)
 
 
 def test_under_the_lambda_handler_each_dispatch_subsegment_is_a_child_of_the_handlers_subsegment(
@@ -184,6 +204,7 @@ def test_under_the_lambda_handler_each_dispatch_subsegment_is_a_child_of_the_han
     lambda_env: dict[str, str],
     queue: QueueStore,
     capsys: pytest.CaptureFixture[str],
+    standin: StandIn,
 ) -> None:
     # Given tracing on, a segment open in this thread, and five due jobs
     routes = one_job_per_default_route(queue, failing="ingest_slack")
@@ -198,6 +219,7 @@ def test_under_the_lambda_handler_each_dispatch_subsegment_is_a_child_of_the_han
     assert_one_dispatch_subsegment_per_job(
         xray, routes, parent_id=handler["id"], trace_id=segment.trace_id, failing="ingest_slack"
     )
+    assert_each_request_names_its_dispatch_subsegment_as_parent(xray, standin)
 
 
 def test_in_the_lambda_runtime_dispatch_subsegments_join_the_invocations_trace(
@@ -206,6 +228,7 @@ def test_in_the_lambda_runtime_dispatch_subsegments_join_the_invocations_trace(
     queue: QueueStore,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
+    standin: StandIn,
 ) -> None:
     # Given the X-Ray SDK as it runs in Lambda: the service's trace header in the environment,
     # its thread-local Lambda context (every thread starts from the service's segment) and
@@ -225,6 +248,61 @@ def test_in_the_lambda_runtime_dispatch_subsegments_join_the_invocations_trace(
     assert_one_dispatch_subsegment_per_job(
         xray, routes, parent_id=handler["id"], trace_id=TRACE_ROOT, failing="generate_digest"
     )
+    assert_each_request_names_its_dispatch_subsegment_as_parent(xray, standin)
+
+
+def test_in_the_lambda_runtime_a_trace_not_sampled_is_still_propagated_as_not_sampled(
+    xray: RecordingEmitter,
+    lambda_env: dict[str, str],
+    queue: QueueStore,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    standin: StandIn,
+) -> None:
+    # Given tracing on in Lambda, for an invocation whose trace the service did not sample (the
+    # SDK records nothing, and its subsegments' ids are all zero)
+    monkeypatch.setenv("_X_AMZN_TRACE_ID", f"Root={TRACE_ROOT};Parent={LAMBDA_PARENT};Sampled=0")
+    monkeypatch.setattr(recorder, "context", LambdaContext())
+    one_job_per_default_route(queue, failing="none")
+    # When the handler runs
+    result = app.lambda_handler({}, FakeLambdaContext())
+    # Then nothing is recorded, yet every POST carries the invocation's trace, marked not
+    # sampled, under a span id of its own (W3C forbids an all-zero one)
+    assert result["claimed"] == 5
+    assert xray.dispatches() == []
+    spans = set()
+    for request in standin.requests():
+        version, trace_id, span, flags = request.headers["traceparent"].split("-")
+        assert (version, trace_id, flags) == ("00", w3c_trace_id(TRACE_ROOT), "00")
+        assert len(span) == 16
+        assert span != "0" * 16
+        assert request.headers["x-amzn-trace-id"] == (f"Root={TRACE_ROOT};Parent={span};Sampled=0")
+        spans.add(span)
+    assert len(spans) == 5
+
+
+def test_with_tracing_off_every_post_still_carries_the_invocations_trace(
+    queue: QueueStore,
+    make_worker: Callable[..., Worker],
+    monkeypatch: pytest.MonkeyPatch,
+    standin: StandIn,
+) -> None:
+    # Given tracing off (the suite's default) in an invocation whose X-Ray header the runtime
+    # set (it does so with tracing off too), and five due jobs
+    monkeypatch.setenv("_X_AMZN_TRACE_ID", f"Root={TRACE_ROOT};Parent={LAMBDA_PARENT};Sampled=1")
+    one_job_per_default_route(queue, failing="none")
+    worker = make_worker(max_concurrency="5")
+    # When a batch runs
+    summary, _ = worker.run(parse_event({}), remaining_seconds=30, request_id="untraced")
+    # Then every POST carries a W3C traceparent in that trace, each with a span of its own and
+    # the upstream sampling decision, and no X-Ray header (the worker records no subsegment)
+    assert summary.completed == 5
+    parents = [request.headers["traceparent"] for request in standin.requests()]
+    assert len(parents) == 5
+    assert all(p.startswith(f"00-{w3c_trace_id(TRACE_ROOT)}-") for p in parents)
+    assert all(p.endswith("-01") for p in parents)
+    assert len({p.split("-")[2] for p in parents}) == 5
+    assert all("x-amzn-trace-id" not in r.headers for r in standin.requests())
 
 
 def test_a_batch_with_no_open_trace_delivers_every_job_and_sends_no_dispatch_subsegment(

@@ -22,6 +22,7 @@ import trustme
 from handler.dispatch import client as client_module
 from handler.dispatch.client import MAX_RESPONSE_BYTES, Delivery, Dispatcher, _read_bounded
 from handler.dispatch.routes import Route
+from handler.dispatch.tracecontext import TraceContext
 from handler.queue.store import ClaimedJob
 from tests.http_servers import OK, Answer, ScriptedServer, SlowLink
 
@@ -87,6 +88,8 @@ def test_the_request_is_the_dispatch_contract_and_nothing_more(server: ScriptedS
     request_line, *lines = head.decode().split("\r\n")
     headers = dict(line.split(": ", 1) for line in lines)
     assert request_line == "POST /functions/v1/fn HTTP/1.1"
+    # A call given no trace context starts a trace of its own, not recorded here (flags 00)
+    assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-00", headers.pop("traceparent"))
     assert headers == {
         "Host": f"127.0.0.1:{server.port}",
         "Content-Length": str(len(body)),
@@ -96,6 +99,18 @@ def test_the_request_is_the_dispatch_contract_and_nothing_more(server: ScriptedS
         "User-Agent": "queue-worker",
     }
     assert body == client_module.request_body(job)
+
+
+def test_the_calls_trace_context_is_sent_as_given(server: ScriptedServer) -> None:
+    trace = TraceContext("5759e988bd862e3fe1be46a994272793", "53995c3f42cd8ad8", True, xray=True)
+    with dispatcher_for(server.url) as dispatcher:
+        assert dispatcher.post(a_job(), ROUTE, 5, trace).outcome.kind == "completed"
+    head = server.requests[0].partition(b"\r\n\r\n")[0].decode()
+    headers = dict(line.split(": ", 1) for line in head.split("\r\n")[1:])
+    assert headers["traceparent"] == "00-5759e988bd862e3fe1be46a994272793-53995c3f42cd8ad8-01"
+    assert headers["X-Amzn-Trace-Id"] == (
+        "Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1"
+    )
 
 
 def test_calls_from_one_thread_reuse_one_connection(server: ScriptedServer) -> None:

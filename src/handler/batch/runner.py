@@ -37,6 +37,7 @@ from handler.batch.settlement import SettlementBuffer
 from handler.dispatch.concurrency import FunctionLimits
 from handler.dispatch.guard import DeliveryGuard, DeliveryReport
 from handler.dispatch.routes import Route
+from handler.dispatch.tracecontext import TraceRoot, batch_root
 from handler.operate.observability import active_tracer, logger
 from handler.queue.store import ClaimedJob, QueueStore, Settlement
 
@@ -134,7 +135,7 @@ class BatchRunner:
         linger: Linger | None = None,
     ) -> Summary:
         summary = Summary(worker_id=worker_id)
-        parent = _trace_parent()  # before the claim: nothing may fail between claim and dispatch
+        trace = _trace_root()  # before the claim: nothing may fail between claim and dispatch
         caps = {fn: min(cap, limits.max_concurrency) for fn, cap in self._caps.items()}
         functions = FunctionLimits(caps, limits.max_concurrency, self._store.function_states())
         run = _Run(
@@ -143,7 +144,7 @@ class BatchRunner:
             budget=budget,
             buffer=SettlementBuffer(lambda batch: self._store.settle(worker_id, batch)),
             functions=functions,
-            parent=parent,
+            trace=trace,
             summary=summary,
         )
         try:
@@ -383,7 +384,7 @@ class BatchRunner:
             run.settle(Settlement(job.id, job.attempt, "released"))
             return None, None
         try:
-            report = self._guard.deliver(job, route, timeout, run.parent)
+            report = self._guard.deliver(job, route, timeout, run.trace)
         except Exception as exc:
             _log_job(
                 logging.ERROR, "Delivery failed unexpectedly; job released", job, error=repr(exc)
@@ -456,7 +457,7 @@ class _Run:
     budget: TimeBudget
     buffer: SettlementBuffer
     functions: FunctionLimits
-    parent: Any  # the trace entity deliveries nest under (None: tracing off)
+    trace: TraceRoot  # the batch's trace, and the X-Ray entity deliveries nest under
     summary: Summary
     work: queue.SimpleQueue[ClaimedJob | None] = field(default_factory=queue.SimpleQueue)
     lanes: list[Future[None]] = field(default_factory=list)
@@ -504,15 +505,17 @@ class _Run:
                 self._changed.wait(timeout)
 
 
-def _trace_parent() -> Any:
-    """The trace entity each dispatch's subsegment nests under; None when there is none."""
+def _trace_root() -> TraceRoot:
+    """The batch's trace, with the X-Ray entity each dispatch's subsegment nests under (None
+    when tracing is off or no trace is open)."""
     tracer = active_tracer()
-    if tracer is None:
-        return None
-    try:
-        return tracer.provider.get_trace_entity()  # type: ignore[attr-defined]
-    except Exception:
-        return None
+    parent = None
+    if tracer is not None:
+        try:
+            parent = tracer.provider.get_trace_entity()  # type: ignore[attr-defined]
+        except Exception:
+            parent = None
+    return batch_root(parent)
 
 
 _LOG_METHODS = {

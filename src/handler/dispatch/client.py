@@ -40,6 +40,7 @@ import httpx
 from handler.dispatch.deadline import LaneWatch, Phase, Watchdog
 from handler.dispatch.outcomes import Outcome, classify_network_error, classify_response
 from handler.dispatch.routes import Route
+from handler.dispatch.tracecontext import TraceContext, TraceRoot, batch_root, call_context
 from handler.queue.store import ClaimedJob
 
 # httpx imports httpcore when it makes its first client. Imported above, with this module, it
@@ -111,6 +112,10 @@ class _NoCookies(http.cookiejar.CookieJar):
 
     def extract_cookies(self, response: Any, request: Any) -> None:
         return None
+
+
+def _untraced_root() -> TraceRoot:
+    return batch_root(environment_header="")
 
 
 def _environment_names_a_proxy() -> bool:
@@ -217,9 +222,14 @@ class Dispatcher:
             self._urls[route.function] = url  # a race only parses it twice
         return url
 
-    def post(self, job: ClaimedJob, route: Route, timeout: float) -> Delivery:
-        """Sends the job; never raises for what the function or the network did."""
+    def post(
+        self, job: ClaimedJob, route: Route, timeout: float, trace: TraceContext | None = None
+    ) -> Delivery:
+        """Sends the job; never raises for what the function or the network did. `trace` is
+        the call's trace context (a call without one starts a trace of its own)."""
         started = time.perf_counter()
+        if trace is None:
+            trace = call_context(_untraced_root())
         if self._key_problem is not None:
             outcome = classify_network_error(route.function, ValueError(self._key_problem))
             return Delivery(outcome, 0.0)
@@ -244,6 +254,7 @@ class Dispatcher:
                     (b"Content-Type", b"application/json"),
                     (b"Idempotency-Key", str(job.id).encode()),
                     (b"User-Agent", USER_AGENT),
+                    *trace.headers(),
                 ],
                 extensions={
                     "timeout": dict.fromkeys(_TIMEOUT_PHASES, timeout),

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from handler.dispatch.client import Delivery, Dispatcher
 from handler.dispatch.routes import Route
+from handler.dispatch.tracecontext import TraceContext, TraceRoot, call_context
 from handler.operate.observability import get_tracer, logger
 from handler.queue.store import ClaimedJob
 
@@ -66,6 +67,7 @@ class _Call:
     job: ClaimedJob
     route: Route
     timeout: float
+    trace: TraceContext
     delivery: Delivery | None = field(default=None)
 
 
@@ -99,21 +101,23 @@ class DeliveryGuard:
             )(self._send)
 
     def deliver(
-        self, call_job: ClaimedJob, route: Route, timeout: float, parent: Any
+        self, call_job: ClaimedJob, route: Route, timeout: float, trace: TraceRoot
     ) -> DeliveryReport:
-        """Runs in a dispatch thread. `parent` is the batch's trace entity (None: no trace)."""
-        call = _Call(call_job, route, timeout)
+        """Runs in a dispatch thread. `trace` is the batch's trace; its `parent`, the X-Ray
+        entity the call's subsegment nests under (None: tracing off, or no open trace)."""
+        parent = trace.parent
         if parent is None:
             # Tracing is off, or the batch had no open trace. A subsegment begun here would have
             # no parent (the SDK hands back None) or hang on the entity this pool thread held
             # last: a finished trace, which refuses it. Neither may cost the delivery.
-            return self._deliver(call)
+            return self._deliver(_Call(call_job, route, timeout, call_context(trace)))
         # Tracing is on (a parent was found), so the tracer exists already.
         provider: Any = get_tracer().provider
         # A new thread has no trace context; without this the subsegment loses its parent.
         provider.set_trace_entity(parent)
         try:
             with provider.in_subsegment(name=f"## dispatch {route.function}") as subsegment:
+                call = _Call(call_job, route, timeout, call_context(trace, subsegment))
                 subsegment.put_annotation("function", route.function)
                 subsegment.put_annotation("job_type", call_job.job_type)
                 subsegment.put_annotation("attempt", str(call_job.attempt))
@@ -130,7 +134,7 @@ class DeliveryGuard:
         if self._guarded is None:
             # No store: the call itself (the guarded function raises for a failed answer, so
             # that Powertools forgets it; unguarded, that answer is the outcome).
-            delivery = self._dispatcher.post(call.job, call.route, call.timeout)
+            delivery = self._dispatcher.post(call.job, call.route, call.timeout, call.trace)
             return DeliveryReport("sent", delivery)
         return self._deliver_guarded(self._guarded, call)
 
@@ -169,7 +173,7 @@ class DeliveryGuard:
     def _send(self, *, job: dict[str, Any], call: _Call) -> dict[str, Any]:
         """The guarded function: the POST. Raises unless the function succeeded."""
         del job  # the idempotency key material; the call carries everything else
-        call.delivery = self._dispatcher.post(call.job, call.route, call.timeout)
+        call.delivery = self._dispatcher.post(call.job, call.route, call.timeout, call.trace)
         if call.delivery.outcome.kind != "completed":
             raise DispatchFailedError(call.delivery)
         return {"status": call.delivery.outcome.status}

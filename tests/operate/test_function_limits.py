@@ -19,6 +19,7 @@ import pytest
 
 from handler.dispatch.client import Delivery, Dispatcher
 from handler.dispatch.routes import Route
+from handler.dispatch.tracecontext import TraceContext
 from handler.local.standin import StandIn
 from handler.queue.store import ClaimedJob, QueueStore
 
@@ -57,10 +58,16 @@ def in_flight(monkeypatch: pytest.MonkeyPatch) -> InFlight:
     counter = InFlight()
     original = Dispatcher.post
 
-    def counted_post(self: Dispatcher, job: ClaimedJob, route: Route, timeout: float) -> Delivery:
+    def counted_post(
+        self: Dispatcher,
+        job: ClaimedJob,
+        route: Route,
+        timeout: float,
+        trace: TraceContext | None = None,
+    ) -> Delivery:
         counter.enter(route.function)
         try:
-            return original(self, job, route, timeout)
+            return original(self, job, route, timeout, trace)
         finally:
             counter.leave(route.function)
 

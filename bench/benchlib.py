@@ -674,8 +674,8 @@ def _invoke(spec: dict[str, Any]) -> None:
 
 class _Recorder:
     """Watches the worker's adaptive limits (in the child): each function's limit and calls in
-    flight every ``every`` seconds, and every call's outcome when its slot is given back. It
-    only reads: the limits behave as they would unwatched."""
+    flight every ``every`` seconds, and every call's outcome and latency (as the worker measured
+    it) when its slot is given back. It only reads: the limits behave as they would unwatched."""
 
     def __init__(self, every: float) -> None:
         from handler.dispatch import concurrency
@@ -683,7 +683,7 @@ class _Recorder:
         self.every = every
         self.instances: list[Any] = []
         self.samples: list[tuple[float, str, float, int]] = []
-        self.calls: list[tuple[float, int | None, str]] = []
+        self.calls: list[tuple[float, int | None, str, float | None]] = []
         self._done = threading.Event()
         recorder = self
         original_init = concurrency.FunctionLimits.__init__
@@ -695,7 +695,7 @@ class _Recorder:
 
         def release(limit: Any, outcome: Any, latency_ms: float | None) -> None:
             if outcome is not None:
-                recorder.calls.append((time.time(), outcome.status, outcome.kind))
+                recorder.calls.append((time.time(), outcome.status, outcome.kind, latency_ms))
             original_release(limit, outcome, latency_ms)
 
         concurrency.FunctionLimits.__init__ = init  # type: ignore[method-assign,assignment]

@@ -19,7 +19,7 @@ For the old behaviour, one batch-mode invocation (``RUN_MODE=batch``, what every
 before rounds) runs over a fresh chain: how many links it delivers. With one invocation a minute,
 a chain of five needs that many ticks.
 
-Run (about a minute; writes ``bench/results/chain.md``)::
+Run (about 30 seconds; writes ``bench/results/chain.md``)::
 
     python bench/chain.py --database-url postgresql://postgres@localhost:5432/postgres
 """

@@ -22,7 +22,7 @@ c. ``weights``: two tenants of weights 1 and 3 (``set_tenant_limits``), 50,000 j
    invocation with a 60 s budget, 50 lanes: each tenant's share of the requests, overall and per
    10 s, with ``MAX_JOBS_PER_TENANT`` 10 (the default) and 100.
 
-Run (about 12 minutes; writes ``bench/results/flow_control.md``)::
+Run (about 10 minutes; writes ``bench/results/flow_control.md``)::
 
     python bench/flow_control.py --database-url postgresql://postgres@localhost:5432/postgres
 
@@ -207,7 +207,7 @@ def run_adaptive(url: str, standin: Any, args: argparse.Namespace, rep: int) -> 
         lifted = time.time()
         result = invocation.result(timeout=args.adaptive_budget + 120)
     samples = [(t - t0, limit) for t, fn, limit, _ in result["samples"] if fn == FUNCTION]
-    calls = [(t - t0, status) for t, status, _ in result["calls"]]
+    calls = [(t - t0, status) for t, status, *_ in result["calls"]]
     lift = lifted - t0
     seconds = math.ceil(max((t for t, _ in samples), default=0.0))
     per_second: list[dict[str, Any]] = []

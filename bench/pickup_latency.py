@@ -19,7 +19,7 @@ Then the linger is taken over, as the next tick would, the invocation returns, a
 have been delivered exactly once and completed. The two connections take turns, ``--repeat``
 times; percentiles per run, median (min-max) over the runs, and over every job of a connection.
 
-Run (about 2 minutes; writes ``bench/results/pickup_latency.md``)::
+Run (2-3 minutes; writes ``bench/results/pickup_latency.md``)::
 
     python bench/pickup_latency.py --database-url postgresql://postgres@localhost:5432/postgres
 """

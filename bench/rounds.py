@@ -15,7 +15,7 @@ the worker process's CPU time, the stand-in's, and that of the server processes 
 run (its backends, reaped at exit), each per job. Checks: no job delivered twice, every delivered
 job completed in the database and none left processing or dead-lettered.
 
-Run (about 5 minutes; writes ``bench/results/rounds.md``)::
+Run (3-4 minutes; writes ``bench/results/rounds.md``)::
 
     python bench/rounds.py --database-url postgresql://postgres@localhost:5432/postgres
 """
@@ -62,7 +62,8 @@ def one_run(
     load = benchlib.load_average()
     standin0 = benchlib.cpu_seconds(standin.pid)
     db0 = benchlib.cpu_seconds(postmaster, children=True) if postmaster else None
-    with benchlib.Invocation(env, remaining_seconds=args.budget) as invocation:
+    # Every call's latency as the worker measured it, and its calls in flight each second.
+    with benchlib.Invocation(env, remaining_seconds=args.budget, sample_every=1.0) as invocation:
         result = invocation.result(timeout=args.budget + 120)
     time.sleep(0.3)  # the child's backends exit and are reaped by the server
     standin1 = benchlib.cpu_seconds(standin.pid)
@@ -91,6 +92,9 @@ def one_run(
     start = summary["started_at"]
     counts = benchlib.windows(received, WINDOW_S, start)
     duration = summary["duration_ms"] / 1000
+    # Calls in flight at the function, on average over the run: how full the 50 lanes kept it.
+    busy = sum(r.answered_at - r.received_at for r in requests if r.answered_at is not None)
+    latencies = [call[3] for call in result["calls"] if call[3] is not None]
     run = {
         "rep": rep,
         "load": load,
@@ -104,6 +108,10 @@ def one_run(
         "windows": [c / WINDOW_S for c in counts],
         "first_request_s": min(received) - start if received else None,
         "last_answer_s": max(r.answered_at or 0 for r in requests) - start if requests else None,
+        "in_flight": busy / duration,
+        "worker_in_flight": sum(latencies) / 1000 / duration,
+        "latency_p50": benchlib.percentile(latencies, 50) if latencies else None,
+        "latency_p90": benchlib.percentile(latencies, 90) if latencies else None,
         "cpu_ms": 1000 * result["cpu_s"] / completed,
         "standin_ms": None
         if standin0 is None or standin1 is None
@@ -142,6 +150,17 @@ def report(runs: list[dict[str, Any]], info: dict[str, str], args: argparse.Name
         values = [r[key] for r in runs if r[key] is not None]
         return benchlib.fmt(values, 2) if values else "n/a"
 
+    parts = [
+        statistics.median(r[key] for r in runs if r[key] is not None)
+        for key in ("cpu_ms", "standin_ms", "db_ms")
+        if any(r[key] is not None for r in runs)
+    ]
+    together = (
+        f"; together {sum(parts):.2f} ms a job, {sum(parts) * bound / 1000:.2f} cores at "
+        f"{bound:,.0f} jobs/s"
+        if len(parts) == 3
+        else ""
+    )
     lines = [
         "# Rounds: one invocation against a backlog it cannot drain",
         "",
@@ -164,7 +183,13 @@ def report(runs: list[dict[str, Any]], info: dict[str, str], args: argparse.Name
         f"return). The budget keeps a safety margin of {margin:.0f} s and starts no call with "
         f"less than {budget.MIN_CALL_SECONDS:.0f} s to go, so calls start only during the first "
         f"{last_start:.0f} s; that tail counts against the figure too.",
-        "- Per 5 s window: the stand-in's requests received (from the run's start).",
+        "- Per 5 s window: the stand-in's requests received (from the run's start). Calls in "
+        "flight at the function: the sum of the requests' time at the stand-in (received to "
+        f"answered) over the run's duration; {CONCURRENCY} would be every lane busy all along. "
+        "At the worker: the same from each call's latency as the worker measured it (recorded "
+        "inside its process when the call gives its slot back; it only reads). The difference "
+        "between the two is time a call spends in the worker and the network, not at the "
+        "function; lanes not in a call at all wait for the next round's jobs.",
         "- CPU per job: the worker process (all its threads), the stand-in process over the run, "
         "and the PostgreSQL backends that served the run (reaped at exit).",
         "- Checks: no job delivered twice; the database's completed count equals the "
@@ -192,9 +217,9 @@ def report(runs: list[dict[str, Any]], info: dict[str, str], args: argparse.Name
         f"{TARGET_SHARE:.0%} ({TARGET_SHARE * bound:,.0f} jobs/s): "
         f"{benchlib.met(median >= TARGET_SHARE * bound and ok)}.",
         f"- CPU per job (stated): worker {optional('cpu_ms')} ms, stand-in "
-        f"{optional('standin_ms')} ms, PostgreSQL {optional('db_ms')} ms. On 2 cores, "
-        f"{bound:,.0f} jobs/s leaves {2000 / bound:.1f} ms of CPU per job for all three and "
-        "whatever else runs.",
+        f"{optional('standin_ms')} ms, PostgreSQL {optional('db_ms')} ms{together}. On 2 "
+        f"cores, {bound:,.0f} jobs/s leaves {2000 / bound:.1f} ms of CPU per job for all three "
+        "and whatever else runs.",
         "",
         "## Requests per second, per 5 s window",
         "",
@@ -212,14 +237,18 @@ def report(runs: list[dict[str, Any]], info: dict[str, str], args: argparse.Name
         "",
         "## Every run",
         "",
-        "| rep | jobs/s | completed | invocation s | first request s | last answer s | claims "
-        "| released | retried | left pending | worker CPU ms/job | check | load |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| rep | jobs/s | completed | invocation s | first request s | last answer s "
+        "| calls in flight at the function (mean) | calls in flight at the worker (mean) "
+        "| worker's call latency p50 / p90 ms | claims | released | retried | left pending "
+        "| worker CPU ms/job | check | load |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in runs:
         lines.append(
             f"| {r['rep']} | {r['rate']:,.0f} | {r['completed']:,} | {r['duration_s']:.2f} "
-            f"| {r['first_request_s']:.2f} | {r['last_answer_s']:.2f} | {r['claims']:,} "
+            f"| {r['first_request_s']:.2f} | {r['last_answer_s']:.2f} | {r['in_flight']:.1f} "
+            f"| {r['worker_in_flight']:.1f} | {r['latency_p50']:.1f} / {r['latency_p90']:.1f} "
+            f"| {r['claims']:,} "
             f"| {r['released']:,} | {r['retried']:,} | {r['left']:,} | {r['cpu_ms']:.2f} "
             f"| {'ok' if r['ok'] else r['check']} | {r['load']} |"
         )

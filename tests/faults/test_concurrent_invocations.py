@@ -110,11 +110,20 @@ def test_ten_invocations_in_rounds_at_once_send_each_job_exactly_once(
     # When 10 invocations in rounds start at the same moment (each runs until nothing is due)
     done = invoke_all_at_once(workers, "rounds")
 
-    # Then they shared the work, and every job was claimed once, sent once and completed
+    # (a job may be released unsent, due a second later, when a function's adaptive limit fell
+    # under the load of ten invocations and its queue in one of them overflowed: those are
+    # made due now, as if that second had passed, and one more invocation takes them)
+    released = sum(s.released for s in done)
+    if released:
+        conn.run("UPDATE queue_worker.queue_jobs SET scheduled_at = now() WHERE status = 'pending'")
+        done.append(workers[0].run(parse_event({}), remaining_seconds=120, request_id="drain")[0])
+
+    # Then they shared the work, and every job was sent once and completed; a job was claimed
+    # twice only when it had been released unsent in between
     assert sum(1 for s in done if s.claimed) > 1
-    assert sum(s.claimed for s in done) == len(jobs)
+    assert sum(s.claimed for s in done) - sum(s.released for s in done) == len(jobs)
     for summary in done:
-        assert summary.completed == summary.claimed
+        assert summary.completed + summary.released == summary.claimed
         assert (summary.rescued, summary.stale, summary.unsettled) == (0, 0, 0)
     assert account(conn, jobs) == {"completed": len(jobs)}
     assert sent(standin) == dict.fromkeys(jobs, 1)

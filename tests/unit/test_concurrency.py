@@ -3,6 +3,8 @@ function and a simulated clock: nothing here waits for real time."""
 
 from __future__ import annotations
 
+import math
+
 from handler.dispatch.concurrency import AdaptiveLimit, FunctionLimits, signal_of
 from handler.dispatch.outcomes import Outcome
 
@@ -20,9 +22,10 @@ class Clock:
 
 def simulate(
     limit: AdaptiveLimit, clock: Clock, *, seconds: float, pushes_back_above: int | None
-) -> list[tuple[float, bool]]:
+) -> list[tuple[float, int, bool]]:
     """Calls of 50 ms each, as many in flight as the limit allows, to a function that answers
-    429 to the calls beyond `pushes_back_above` in flight. Returns (limit, refused) per call."""
+    429 to the calls beyond `pushes_back_above` in flight. Returns, per call, when it ended, how
+    many calls were in flight with it, and whether it was refused."""
     calls = []
     end = clock.now + seconds
     while clock.now < end:
@@ -33,19 +36,27 @@ def simulate(
         for n in range(started):
             refused = pushes_back_above is not None and n >= pushes_back_above
             limit.release(TOO_MANY if refused else OK, 50.0)
-            calls.append((limit.limit, refused))
+            calls.append((clock.now, started, refused))
     return calls
 
 
-def test_a_function_that_refuses_more_than_8_in_flight_settles_the_limit_at_8_or_less() -> None:
+def test_a_function_that_refuses_more_than_8_in_flight_settles_the_limit_at_8() -> None:
+    # Given a function that answers 429 to a ninth call in flight, and a limit starting at 50
     clock = Clock()
     limit = AdaptiveLimit(50, clock=clock)
-    calls = simulate(limit, clock, seconds=10, pushes_back_above=8)
-    last = calls[len(calls) // 2 :]  # the last 5 seconds
-    refused = sum(1 for _, r in last if r) / len(last)
-    average = sum(min(lim, 50) for lim, _ in last) / len(last)
-    assert refused < 0.05, refused
-    assert average <= 8.5, average
+    # When calls run for 40 s
+    calls = simulate(limit, clock, seconds=40, pushes_back_above=8)
+    # Then from the first second on, fewer than 5 % of the calls are refused
+    after_first = [c for c in calls if c[0] >= 1.0]
+    assert sum(refused for _, _, refused in after_first) / len(after_first) < 0.05
+    # and from 10 s on the limit stays at 8, but for the probes of a ninth call, which come
+    # ever less often (5 s after the ceiling is found, then 10 s, then 20 s): two in 30 s
+    settled = [c for c in calls if c[0] >= 10.0]
+    above = [t for t, in_flight, _ in settled if in_flight > 8]
+    refused = [t for t, _, r in settled if r]
+    assert len(refused) <= 2, refused
+    assert len(above) <= 2 * 9, above  # each probe: one round of 9 calls
+    assert 7 <= math.floor(limit.limit) <= 8
 
 
 def test_when_the_function_stops_refusing_the_limit_climbs_back_to_its_cap() -> None:

@@ -45,8 +45,12 @@ from handler.queue.store import ClaimedJob, QueueStore, Settlement
 SETTLE_INTERVAL_SECONDS = 5.0
 # Rounds settle this often: soon enough for a chain's next link, few enough statements.
 ROUND_SETTLE_SECONDS = 0.05
-# Rounds claim again once this share of the lanes is free (or all are).
-ROUND_CLAIM_SHARE = 0.25
+# Rounds keep up to this many jobs per lane claimed (in flight, or queued for the next free lane),
+# and claim again once a third of that is free: a lane that finishes finds its next job already
+# there instead of waiting for a claim, and each claim is large enough that its fixed cost (a
+# statement, the tenants it reads) is shared by many jobs (bench/results/rounds.md).
+ROUND_JOBS_PER_LANE = 2
+ROUND_CLAIM_SHARE = 1 / 3
 # After a claim that found nothing while calls are in flight, the next one waits for a settle
 # that completed something (it may have released a dependent), or this long.
 EMPTY_CLAIM_RETRY_SECONDS = 0.5
@@ -180,7 +184,8 @@ class BatchRunner:
             # something to claim (the last claim found jobs, a settle completed some, or a while
             # has passed since a claim found nothing).
             can_start = run.budget.call_timeout(limits.http_timeout) is not None
-            free = limits.max_concurrency - outstanding
+            held = limits.max_concurrency * (ROUND_JOBS_PER_LANE if limits.rounds else 1)
+            free = held - outstanding
             taken = run.summary.claimed
             if (
                 can_start
@@ -189,7 +194,7 @@ class BatchRunner:
                 and taken < limits.max_total
                 and free > 0
                 and (claim_wanted or now - last_empty_claim >= EMPTY_CLAIM_RETRY_SECONDS)
-                and (free >= limits.max_concurrency * ROUND_CLAIM_SHARE or outstanding == 0)
+                and (free >= held * ROUND_CLAIM_SHARE or outstanding == 0)
             ):
                 size = free if limits.rounds else limits.max_jobs
                 got = self._claim(run, min(size, limits.max_jobs, limits.max_total - taken))
@@ -324,7 +329,7 @@ class BatchRunner:
         waiting = run.waiting[route.function]
         with run.lock:
             # In rounds a function at its limit with jobs enough waiting sends the rest back to
-            # the queue (a round claims as many jobs as lanes are free, and these would keep
+            # the queue (a round claims up to two jobs a lane, and these would keep
             # other functions' jobs out); a single batch keeps what it claimed.
             overflow = (
                 run.limits.rounds and len(waiting) >= max(1, int(limit.limit)) * WAITING_PER_SLOT

@@ -4,10 +4,15 @@ Additive increase while calls succeed within their usual latency (about one more
 per limit's worth of successes), multiplicative decrease on congestion: a 429, a 503, a timeout,
 or a success three times slower than usual (and 100 ms slower at least), at most once per call's
 latency so that a burst of refusals counts once. Never above the function's cap (its route's
-max_concurrency, or MAX_CONCURRENCY), never below 1. After congestion at N calls in flight the
-limit climbs four times slower above N - 1 for a few seconds: it settles under the point where the
-function pushes back instead of probing it at full speed. An invocation starts from the limits the
-last ones left in the database (queue_functions) and leaves its own; docs/adr/0007-flow-control.md.
+max_concurrency, or MAX_CONCURRENCY), never below 1.
+
+Congestion at N calls in flight makes N - 1 the function's ceiling: for a while the limit climbs
+to it and no further (calls in flight are floor(limit)), then it probes one more call, four times
+slower. A probe that meets congestion again at the same point doubles that while (5 s, 10 s, ...
+up to a minute), so a function that keeps pushing back at N is probed rarely; a probe that gets
+two calls past the ceiling forgets it, and the limit climbs on to its cap. An invocation starts
+from the limits the last ones left in the database (queue_functions) and leaves its own;
+docs/adr/0007-flow-control.md.
 """
 
 from __future__ import annotations
@@ -26,8 +31,11 @@ Signal = Literal["ok", "congested", "neutral"]
 DECREASE_FACTOR = 0.7
 LATENCY_JUMP = 3.0
 LATENCY_JUMP_MIN_MS = 100.0
-CEILING_MEMORY_SECONDS = 5.0
-SLOW_CLIMB = 4.0  # how much slower the limit climbs above the last congestion point
+CEILING_MEMORY_SECONDS = 5.0  # how long the limit stays at a new ceiling before probing it
+CEILING_MEMORY_MAX_SECONDS = 60.0  # ... doubled after each failed probe, up to this
+SLOW_CLIMB = 4.0  # how much slower the limit climbs while it probes above the ceiling
+# Just under the next whole call: at the ceiling, floor(limit) admits no call more.
+_BELOW_NEXT_CALL = 0.999
 
 
 def signal_of(outcome: Outcome) -> Signal:
@@ -49,9 +57,11 @@ class AdaptiveLimit:
         self._clock = clock
         self._limit = float(self.cap if start is None else min(max(start, 1.0), self.cap))
         self._in_flight = 0
+        self._peak = 0  # the most calls in flight since the last decrease
         self._base_ms: float | None = None  # the usual latency of a success
         self._ceiling: float | None = None
         self._ceiling_at = 0.0
+        self._memory = CEILING_MEMORY_SECONDS
         self._last_decrease = -math.inf
         self._lock = threading.Lock()
 
@@ -69,13 +79,13 @@ class AdaptiveLimit:
             if self._in_flight >= max(1, math.floor(self._limit)):
                 return False
             self._in_flight += 1
+            self._peak = max(self._peak, self._in_flight)
             return True
 
     def release(self, outcome: Outcome | None, latency_ms: float | None) -> None:
         """Gives the slot back, learning from how the call went (None: it was never sent)."""
         now = self._clock()
         with self._lock:
-            in_flight = self._in_flight
             self._in_flight = max(0, self._in_flight - 1)
             if outcome is None:
                 return
@@ -86,7 +96,7 @@ class AdaptiveLimit:
                 self._learn_latency(latency_ms)
                 self._increase(now)
             elif signal == "congested":
-                self._decrease(now, in_flight, latency_ms)
+                self._decrease(now, latency_ms)
 
     def _jumped(self, latency_ms: float) -> bool:
         base = self._base_ms
@@ -106,22 +116,42 @@ class AdaptiveLimit:
 
     def _increase(self, now: float) -> None:
         step = 1.0 / self._limit
-        if (
-            self._ceiling is not None
-            and self._limit >= self._ceiling
-            and now - self._ceiling_at < CEILING_MEMORY_SECONDS
-        ):
-            step /= SLOW_CLIMB
+        ceiling = self._ceiling
+        if ceiling is not None:
+            if self._limit >= ceiling + 2.0:
+                self._ceiling = None  # the probe got past it: the function takes more now
+                self._memory = CEILING_MEMORY_SECONDS
+            elif now - self._ceiling_at < self._memory:
+                # Up to the ceiling, not past it.
+                self._limit = max(self._limit, min(self._limit + step, ceiling + _BELOW_NEXT_CALL))
+                return
+            elif self._limit >= ceiling:
+                step /= SLOW_CLIMB  # the probe
         self._limit = min(float(self.cap), self._limit + step)
 
-    def _decrease(self, now: float, in_flight: int, latency_ms: float | None) -> None:
-        self._ceiling = max(1.0, in_flight - 1.0)
+    def _decrease(self, now: float, latency_ms: float | None) -> None:
+        # The refused call was sent with at most the peak in flight: one fewer is the ceiling.
+        ceiling = max(1.0, self._peak - 1.0)
+        if (
+            self._ceiling is not None
+            and ceiling >= self._ceiling
+            and now - self._ceiling_at >= self._memory
+        ):
+            # A probe of this ceiling failed: wait longer before the next one.
+            self._memory = min(CEILING_MEMORY_MAX_SECONDS, self._memory * 2)
+            ceiling = self._ceiling
+        elif self._ceiling is None or ceiling < self._ceiling:
+            self._memory = CEILING_MEMORY_SECONDS
+        else:
+            ceiling = self._ceiling  # congestion below the remembered point changes nothing
+        self._ceiling = ceiling
         self._ceiling_at = now
         window = (latency_ms or 0.0) / 1000
         if now - self._last_decrease < window:
             return  # the same burst of refusals
         self._last_decrease = now
         self._limit = max(1.0, self._limit * DECREASE_FACTOR)
+        self._peak = self._in_flight
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,9 +45,25 @@ def find_bindir(*, tls: bool = False) -> Path | None:
     for folder in candidates:
         if folder is None or not (folder / "initdb").is_file() or not (folder / "pg_ctl").is_file():
             continue
-        if not tls or _built_with_openssl(folder):
+        if (not tls or _built_with_openssl(folder)) and _runs_as_server_user(folder):
             return folder
     return None
+
+
+def _runs_as_server_user(folder: Path) -> bool:
+    """Whether the server's user can run the folder's programs: a checkout under a folder only
+    root may enter (`mktemp -d` makes them 0700) holds an embedded server that user cannot reach."""
+    try:
+        answer = subprocess.run(
+            [str(folder / "initdb"), "--version"],
+            user=server_user(),
+            capture_output=True,
+            check=False,
+            timeout=30,
+        )
+    except OSError:
+        return False
+    return answer.returncode == 0
 
 
 def _built_with_openssl(folder: Path) -> bool:

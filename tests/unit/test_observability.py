@@ -113,3 +113,42 @@ def test_importing_the_handler_imports_neither_x_ray_nor_boto3_nor_idempotency(
     modules = imported_by_handler(env)
     assert not {m for m in modules if m.startswith(HEAVY + IDEMPOTENCY)}
     assert "handler.app" in modules  # the import did run
+
+
+# The value classes a cold start makes at import are NamedTuples or plain classes, not
+# dataclasses: `dataclass` compiles the methods it writes when the class is created, which
+# bytecode cannot save (docs/adr/0012-value-classes.md). These three keep what only a dataclass
+# gives them (fields hidden from repr, `dataclasses.replace`, a field outside equality).
+DATACLASSES_AT_IMPORT = {
+    "handler.queue.connection.ConnectionSettings",
+    "handler.runtime.settings.DatabaseConfig",
+    "handler.runtime.settings.Settings",
+}
+
+
+def test_importing_the_handler_creates_no_dataclass_beyond_the_known_three() -> None:
+    code = (
+        "import dataclasses, json, sys\n"
+        "made = []\n"
+        "process = dataclasses._process_class\n"
+        "def counted(cls, *args, **kwargs):\n"
+        "    made.append(f'{cls.__module__}.{cls.__qualname__}')\n"
+        "    return process(cls, *args, **kwargs)\n"
+        "dataclasses._process_class = counted\n"
+        "import handler.app\n"
+        "print(json.dumps([name for name in made if name.startswith('handler.')]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={k: v for k, v in os.environ.items() if k not in VARIABLES}
+        | {"POWERTOOLS_TRACE_DISABLED": "true"},
+    )
+    made = set(json.loads(out.stdout))
+    assert made - DATACLASSES_AT_IMPORT == set(), (
+        "a dataclass made at import costs every cold start a compile: use a NamedTuple or a "
+        "plain class (docs/adr/0012-value-classes.md)"
+    )
+    assert made == DATACLASSES_AT_IMPORT  # the probe itself works

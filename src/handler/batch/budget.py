@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 
 # Time kept back at the end of an invocation for the last settlement and the return.
 MIN_SAFETY_MARGIN_SECONDS = 3.0
@@ -15,12 +14,14 @@ MIN_CALL_SECONDS = 1.0
 LEASE_MARGIN_SECONDS = 30
 
 
-@dataclass
 class TimeBudget:
     """Deadlines on the monotonic clock, from the invocation's remaining time."""
 
-    remaining_at_start: float  # seconds
-    started: float = field(default_factory=time.monotonic)
+    __slots__ = ("remaining_at_start", "started")
+
+    def __init__(self, remaining_at_start: float, started: float | None = None) -> None:
+        self.remaining_at_start = remaining_at_start  # seconds
+        self.started = time.monotonic() if started is None else started
 
     @property
     def deadline(self) -> float:

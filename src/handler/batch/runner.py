@@ -26,9 +26,8 @@ import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 from handler.batch.budget import TimeBudget
@@ -62,8 +61,7 @@ WAITING_PER_SLOT = 2
 WAITING_RELEASE_DELAY = timedelta(seconds=1)
 
 
-@dataclass(frozen=True)
-class BatchLimits:
+class BatchLimits(NamedTuple):
     max_jobs: int  # per claim
     max_per_tenant: int
     max_concurrency: int
@@ -77,38 +75,60 @@ class BatchLimits:
     defer_exhausted: bool = False  # ask the idempotency store about expired last attempts
 
 
-@dataclass
 class Summary:
     """The invocation's return value (as the design's event contract says), plus what an
-    operator wants to see."""
+    operator wants to see. (A plain class: a dataclass costs a compile at import, on every cold
+    start: docs/adr/0012-value-classes.md.)"""
 
-    worker_id: str
-    claimed: int = 0
-    completed: int = 0
-    retried: int = 0
-    dead_lettered: int = 0
-    released: int = 0
-    stale: int = 0  # outcomes not recorded: the job was no longer ours (lease lost)
-    unsettled: int = (
-        0  # outcomes not recorded: the settle statement failed (leases bring them back)
+    # The return value's keys, in order.
+    FIELDS = (
+        "worker_id",
+        "claimed",
+        "completed",
+        "retried",
+        "dead_lettered",
+        "released",
+        "stale",
+        "unsettled",
+        "rescued",
+        "replayed",
+        "duration_ms",
+        "settle_statements",
+        "rounds",
+        "lingered_ms",
+        "fan_out_copies",
+        "pruned",
+        "scheduled_jobs_created",
     )
-    rescued: int = 0  # claimed from a worker whose lease had expired
-    replayed: int = 0  # completed from the idempotency record, without a second call
-    duration_ms: int = 0
-    settle_statements: int = 0
-    rounds: int = 0  # claim statements
-    lingered_ms: int = 0  # time spent waiting for new work
-    fan_out_copies: int = 0  # asynchronous copies this run started for a large backlog
-    pruned: int = 0  # rows of old history deleted by this run's maintenance
-    scheduled_jobs_created: int = 0  # jobs this run created from due recurring schedules
-    latency_ms: dict[str, list[float]] = field(default_factory=dict, repr=False)
-    responses: Counter[tuple[str, str]] = field(default_factory=Counter, repr=False)
-    concurrency_limits: dict[str, float] = field(default_factory=dict, repr=False)
+    __slots__ = (*FIELDS, "latency_ms", "responses", "concurrency_limits")
+
+    def __init__(self, worker_id: str) -> None:
+        self.worker_id = worker_id
+        self.claimed = 0
+        self.completed = 0
+        self.retried = 0
+        self.dead_lettered = 0
+        self.released = 0
+        self.stale = 0  # outcomes not recorded: the job was no longer ours (lease lost)
+        self.unsettled = 0  # outcomes not recorded: the settle failed (leases bring them back)
+        self.rescued = 0  # claimed from a worker whose lease had expired
+        self.replayed = 0  # completed from the idempotency record, without a second call
+        self.duration_ms = 0
+        self.settle_statements = 0
+        self.rounds = 0  # claim statements
+        self.lingered_ms = 0  # time spent waiting for new work
+        self.fan_out_copies = 0  # asynchronous copies this run started for a large backlog
+        self.pruned = 0  # rows of old history deleted by this run's maintenance
+        self.scheduled_jobs_created = 0  # jobs this run created from due recurring schedules
+        self.latency_ms: dict[str, list[float]] = {}
+        self.responses: Counter[tuple[str, str]] = Counter()
+        self.concurrency_limits: dict[str, float] = {}
 
     def as_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        del data["latency_ms"], data["responses"], data["concurrency_limits"]
-        return data
+        return {name: getattr(self, name) for name in self.FIELDS}
+
+    def __repr__(self) -> str:
+        return f"Summary({self.as_dict()})"
 
 
 class BatchRunner:
@@ -453,28 +473,38 @@ class BatchRunner:
         )
 
 
-@dataclass
 class _Run:
     """What one invocation's thread and its lanes share."""
 
-    worker_id: str
-    limits: BatchLimits
-    budget: TimeBudget
-    buffer: SettlementBuffer
-    functions: FunctionLimits
-    trace: TraceRoot  # the batch's trace, and the X-Ray entity deliveries nest under
-    summary: Summary
-    work: queue.SimpleQueue[ClaimedJob | None] = field(default_factory=queue.SimpleQueue)
-    lanes: list[Future[None]] = field(default_factory=list)
-    lanes_failed: bool = False
-    open_circuits: set[str] = field(default_factory=set)
-    circuits: list[tuple[str, int, str]] = field(default_factory=list)  # (function, status, error)
-    waiting: defaultdict[str, deque[ClaimedJob]] = field(default_factory=lambda: defaultdict(deque))
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    _handed_out: int = 0
-    _settled: int = 0
-    _generation: int = 0  # counts changes, so that a wait never misses one that came just before
-    _changed: threading.Condition = field(default_factory=threading.Condition)
+    def __init__(
+        self,
+        *,
+        worker_id: str,
+        limits: BatchLimits,
+        budget: TimeBudget,
+        buffer: SettlementBuffer,
+        functions: FunctionLimits,
+        trace: TraceRoot,  # the batch's trace, and the X-Ray entity deliveries nest under
+        summary: Summary,
+    ) -> None:
+        self.worker_id = worker_id
+        self.limits = limits
+        self.budget = budget
+        self.buffer = buffer
+        self.functions = functions
+        self.trace = trace
+        self.summary = summary
+        self.work: queue.SimpleQueue[ClaimedJob | None] = queue.SimpleQueue()
+        self.lanes: list[Future[None]] = []
+        self.lanes_failed = False
+        self.open_circuits: set[str] = set()
+        self.circuits: list[tuple[str, int, str]] = []  # (function, status, error)
+        self.waiting: defaultdict[str, deque[ClaimedJob]] = defaultdict(deque)
+        self.lock = threading.Lock()
+        self._handed_out = 0
+        self._settled = 0
+        self._generation = 0  # counts changes, so that a wait never misses one just before
+        self._changed = threading.Condition()
 
     @property
     def outstanding(self) -> int:

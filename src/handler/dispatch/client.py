@@ -30,8 +30,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 import httpcore  # noqa: F401  # see below
@@ -65,8 +64,7 @@ _TIMEOUT_ERRORS: dict[Phase, type[httpx.TimeoutException]] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
+class Delivery(NamedTuple):
     """What one POST came back with."""
 
     outcome: Outcome

@@ -21,8 +21,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from handler.dispatch.outcomes import Outcome
 
@@ -154,8 +153,7 @@ class AdaptiveLimit:
         self._peak = self._in_flight
 
 
-@dataclass(frozen=True, slots=True)
-class FunctionState:
+class FunctionState(NamedTuple):
     """What an invocation leaves in the database for one function."""
 
     function: str

@@ -12,9 +12,8 @@ dispatch raises, so Powertools deletes the record and a retry calls again.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from handler.dispatch.client import Delivery, Dispatcher
 from handler.dispatch.routes import Route
@@ -36,8 +35,7 @@ CHECK_AGAIN_AFTER = timedelta(seconds=30)
 DeliveryKind = Literal["sent", "replayed", "in_flight_elsewhere", "not_sent"]
 
 
-@dataclass(frozen=True, slots=True)
-class DeliveryReport:
+class DeliveryReport(NamedTuple):
     """What happened to one job's delivery.
 
     sent: the function was called (`delivery` says how it answered);
@@ -60,15 +58,17 @@ class DispatchFailedError(Exception):
         self.delivery = delivery
 
 
-@dataclass
 class _Call:
     """One delivery's inputs and, once the POST returns, its result (read even when the guard fails)."""
 
-    job: ClaimedJob
-    route: Route
-    timeout: float
-    trace: TraceContext
-    delivery: Delivery | None = field(default=None)
+    __slots__ = ("delivery", "job", "route", "timeout", "trace")
+
+    def __init__(self, job: ClaimedJob, route: Route, timeout: float, trace: TraceContext) -> None:
+        self.job = job
+        self.route = route
+        self.timeout = timeout
+        self.trace = trace
+        self.delivery: Delivery | None = None
 
 
 class DeliveryGuard:
@@ -230,8 +230,7 @@ class DeliveryGuard:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class CheckReport:
+class CheckReport(NamedTuple):
     """What the idempotency record says of a job whose last attempt's lease expired.
 
     completed: that attempt succeeded (settle the job as completed, nothing sent);

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from handler.queue.store import OutcomeKind
 
@@ -21,8 +20,7 @@ MAX_RETRY_AFTER = timedelta(hours=24)
 BODY_EXCERPT_CHARS = 300
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     kind: OutcomeKind  # what settle_jobs records
     status: int | None  # the HTTP status, None when no response came back
     error: str | None = None

@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from handler.errors import ConfigurationError
 
@@ -39,8 +38,7 @@ _PER_SECOND = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
+class Route(NamedTuple):
     function: str
     max_in_flight: int | None = None  # None: only MAX_CONCURRENCY bounds it
     rate_per_second: float | None = None  # None: no rate limit

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import os
 import secrets
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 XRAY_ENVIRONMENT_HEADER = "_X_AMZN_TRACE_ID"
 _HEX = frozenset("0123456789abcdef")
 
 
-@dataclass(frozen=True, slots=True)
-class TraceRoot:
+class TraceRoot(NamedTuple):
     """The trace one batch's calls belong to."""
 
     trace_id: str  # 32 lowercase hex digits, not all zero (W3C)
@@ -28,8 +26,7 @@ class TraceRoot:
     parent: Any = None  # the X-Ray entity dispatch subsegments nest under; None: tracing off
 
 
-@dataclass(frozen=True, slots=True)
-class TraceContext:
+class TraceContext(NamedTuple):
     """The trace headers of one call."""
 
     trace_id: str

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from handler.operate.observability import logger
 
@@ -22,8 +21,7 @@ if TYPE_CHECKING:
     from mypy_boto3_lambda import LambdaClient
 
 
-@dataclass(frozen=True, slots=True)
-class FanOutPlan:
+class FanOutPlan(NamedTuple):
     shards: int  # 1: no fan-out
     own_shard: int
 

@@ -7,8 +7,8 @@ the SQL): only one invocation prunes at a time, and a claim is never blocked by 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 from handler.queue.store import QueueStore
 
@@ -16,8 +16,7 @@ CHUNK_ROWS = 500
 MAX_CHUNKS = 20  # at most 10,000 rows of each kind per invocation
 
 
-@dataclass(frozen=True, slots=True)
-class PruneReport:
+class PruneReport(NamedTuple):
     jobs: int = 0
     dead_letters: int = 0
     idempotency_records: int = 0

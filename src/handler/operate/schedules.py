@@ -22,9 +22,8 @@ import logging
 import random
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -60,8 +59,7 @@ class ScheduleError(ValueError):
     """A schedule that cannot be created or fired: bad cron, time zone, payload or bounds."""
 
 
-@dataclass(frozen=True, slots=True)
-class Schedule:
+class Schedule(NamedTuple):
     """A row of queue_schedules."""
 
     id: UUID
@@ -84,7 +82,7 @@ class Schedule:
 
     def as_json(self) -> dict[str, Any]:
         """JSON-ready: uuids and datetimes (ISO-8601) as strings."""
-        return {key: _jsonable(value) for key, value in asdict(self).items()}
+        return {key: _jsonable(value) for key, value in self._asdict().items()}
 
 
 def _jsonable(value: Any) -> Any:
@@ -95,22 +93,43 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-@dataclass(slots=True)
 class FireReport:
-    """What one fire_due_schedules() run did."""
+    """What one fire_due_schedules() run did. (A plain class: a dataclass costs a compile at
+    import, on every cold start: docs/adr/0012-value-classes.md.)"""
 
-    fired: int = 0  # schedules that enqueued their due fire times
-    jobs_created: int = 0
-    skipped: int = 0  # fire times left out by the catch-up policy (see the module docstring)
-    conflicts: int = 0  # compare-and-set lost: another run fired (or someone changed) the schedule
-    initialized: int = 0  # schedules whose next fire time was not computed yet: computed now
-    errors: int = 0  # schedules that could not be fired (logged)
-    paused: int = 0  # of those, schedules that cannot fire at all: paused, their error recorded
-    remaining: int = 0  # due schedules left for the next run (limit or time limit reached)
-    error_messages: list[str] = field(default_factory=list)
+    __slots__ = (
+        "conflicts",
+        "error_messages",
+        "errors",
+        "fired",
+        "initialized",
+        "jobs_created",
+        "paused",
+        "remaining",
+        "skipped",
+    )
+
+    def __init__(self) -> None:
+        self.fired = 0  # schedules that enqueued their due fire times
+        self.jobs_created = 0
+        self.skipped = 0  # fire times left out by the catch-up policy (see the module docstring)
+        self.conflicts = 0  # compare-and-set lost: another run fired (or someone changed) it
+        self.initialized = 0  # schedules whose next fire time was not computed yet: computed now
+        self.errors = 0  # schedules that could not be fired (logged)
+        self.paused = 0  # of those, schedules that cannot fire at all: paused, error recorded
+        self.remaining = 0  # due schedules left for the next run (limit or time limit reached)
+        self.error_messages: list[str] = []
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FireReport) and self.as_dict() == other.as_dict()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable: compared by value, not hashable
+
+    def __repr__(self) -> str:
+        return f"FireReport({self.as_dict()})"
 
 
 # Cron math -----------------------------------------------------------------------------------
@@ -142,8 +161,7 @@ def next_fire_after(cron: str, timezone: str, after: datetime) -> datetime:
     return result
 
 
-@dataclass(frozen=True, slots=True)
-class DueFireTimes:
+class DueFireTimes(NamedTuple):
     """The fire times one firing of a schedule enqueues, what it skips, and where it goes next."""
 
     fire_times: list[datetime]  # ascending, UTC

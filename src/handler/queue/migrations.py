@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from dataclasses import dataclass
 from importlib import resources
+from typing import NamedTuple
 
 import pg8000.native
 
@@ -34,8 +34,7 @@ _LOCK_KEY = 7_261_400_917_338_129
 _TABLE = f"{SCHEMA}.queue_worker_migrations"
 
 
-@dataclass(frozen=True)
-class Migration:
+class Migration(NamedTuple):
     version: str  # the file name without .sql, e.g. "0001_queue"
     sql: str
 

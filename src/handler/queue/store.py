@@ -22,9 +22,8 @@ import math
 import select
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 from uuid import UUID
 
 import pg8000.native
@@ -39,8 +38,7 @@ SettleResult = Literal["completed", "retry", "dead", "released", "stale"]
 ConnectionProvider = Callable[[], pg8000.native.Connection]
 
 
-@dataclass(frozen=True, slots=True)
-class ClaimedJob:
+class ClaimedJob(NamedTuple):
     """A job leased to this worker. `attempt` is 1 on the first dispatch."""
 
     id: UUID
@@ -61,8 +59,7 @@ class ClaimedJob:
     exhausted: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Settlement:
+class Settlement(NamedTuple):
     """What to record for one claimed job (see settle_jobs in the SQL)."""
 
     job_id: UUID
@@ -86,8 +83,7 @@ class Settlement:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class Job:
+class Job(NamedTuple):
     """A row of queue_jobs, as an operator sees it."""
 
     id: UUID
@@ -110,8 +106,7 @@ class Job:
     completed_at: datetime | None
 
 
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
+class DeadLetter(NamedTuple):
     id: UUID
     tenant_id: UUID
     job_type: str
@@ -124,17 +119,15 @@ class DeadLetter:
     dead_at: datetime
 
 
-@dataclass(frozen=True, slots=True)
-class QueueStats:
+class QueueStats(NamedTuple):
     by_status: dict[str, int]
     due_now: int  # pending and due: the backlog
     oldest_due_age_seconds: float  # how long the oldest due job has waited (0 when none)
     dead_letters: int
-    by_job_type: dict[str, dict[str, int]] = field(default_factory=dict)
+    by_job_type: dict[str, dict[str, int]]
 
 
-@dataclass(frozen=True, slots=True)
-class DueSchedule:
+class DueSchedule(NamedTuple):
     """A schedule a firing run should look at, with the clock it was read by."""
 
     id: UUID

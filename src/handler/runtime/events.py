@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 from uuid import UUID
 
 from handler.errors import EventError
@@ -35,8 +34,7 @@ _UUID_TEXT = re.compile(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Invocation:
+class Invocation(NamedTuple):
     """What one invocation is asked to do."""
 
     source: EventSource
@@ -95,7 +93,7 @@ def _parse_rule_event(event: Mapping[str, Any]) -> Invocation:
     if invocation.scheduled_time is None and event.get("time") is not None:
         # The rule's own `time` is the scheduled time unless detail names one; a bad one is
         # reported under its own name, not as a detail field the user never wrote.
-        return replace(invocation, scheduled_time=_timestamp(event["time"], "time"))
+        return invocation._replace(scheduled_time=_timestamp(event["time"], "time"))
     return invocation
 
 

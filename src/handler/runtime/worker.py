@@ -11,9 +11,8 @@ import os
 import socket
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from aws_lambda_powertools.metrics import MetricUnit
 
@@ -51,8 +50,7 @@ def _freeze_long_lived_objects() -> None:
     gc.freeze()
 
 
-@dataclass(frozen=True)
-class Backlog:
+class Backlog(NamedTuple):
     due_now: int
     oldest_age_seconds: float
 

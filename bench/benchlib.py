@@ -693,10 +693,10 @@ class _Recorder:
             original_init(limits, *args, **kwargs)
             recorder.instances.append(limits)
 
-        def release(limit: Any, outcome: Any, latency_ms: float | None) -> None:
+        def release(limit: Any, outcome: Any, latency_ms: float | None, **kwargs: Any) -> None:
             if outcome is not None:
                 recorder.calls.append((time.time(), outcome.status, outcome.kind, latency_ms))
-            original_release(limit, outcome, latency_ms)
+            original_release(limit, outcome, latency_ms, **kwargs)
 
         concurrency.FunctionLimits.__init__ = init  # type: ignore[method-assign,assignment]
         concurrency.AdaptiveLimit.release = release  # type: ignore[method-assign,assignment]

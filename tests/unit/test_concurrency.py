@@ -3,6 +3,7 @@ function and a simulated clock: nothing here waits for real time."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 from handler.dispatch.concurrency import AdaptiveLimit, FunctionLimits, signal_of
@@ -21,22 +22,30 @@ class Clock:
 
 
 def simulate(
-    limit: AdaptiveLimit, clock: Clock, *, seconds: float, pushes_back_above: int | None
+    limit: AdaptiveLimit,
+    clock: Clock,
+    *,
+    seconds: float,
+    pushes_back_above: int | None,
+    limits_seen: list[tuple[float, float]] | None = None,
 ) -> list[tuple[float, int, bool]]:
     """Calls of 50 ms each, as many in flight as the limit allows, to a function that answers
     429 to the calls beyond `pushes_back_above` in flight. Returns, per call, when it ended, how
-    many calls were in flight with it, and whether it was refused."""
+    many calls were in flight with it, and whether it was refused; `limits_seen` gets the limit
+    after each round."""
     calls = []
     end = clock.now + seconds
     while clock.now < end:
-        started = 0
-        while limit.try_acquire():
-            started += 1
+        slots = []
+        while slot := limit.try_acquire():
+            slots.append(slot)
         clock.now += 0.05
-        for n in range(started):
+        for n, slot in enumerate(slots):
             refused = pushes_back_above is not None and n >= pushes_back_above
-            limit.release(TOO_MANY if refused else OK, 50.0)
-            calls.append((clock.now, started, refused))
+            limit.release(TOO_MANY if refused else OK, 50.0, probe=slot == "probe")
+            calls.append((clock.now, len(slots), refused))
+        if limits_seen is not None:
+            limits_seen.append((clock.now, limit.limit))
     return calls
 
 
@@ -45,18 +54,32 @@ def test_a_function_that_refuses_more_than_8_in_flight_settles_the_limit_at_8() 
     clock = Clock()
     limit = AdaptiveLimit(50, clock=clock)
     # When calls run for 40 s
-    calls = simulate(limit, clock, seconds=40, pushes_back_above=8)
+    limits_seen: list[tuple[float, float]] = []
+    calls = simulate(limit, clock, seconds=40, pushes_back_above=8, limits_seen=limits_seen)
     # Then from the first second on, fewer than 5 % of the calls are refused
     after_first = [c for c in calls if c[0] >= 1.0]
     assert sum(refused for _, _, refused in after_first) / len(after_first) < 0.05
-    # and from 10 s on the limit stays at 8, but for the probes of a ninth call, which come
-    # ever less often (5 s after the ceiling is found, then 10 s, then 20 s): two in 30 s
+    # and from 10 s on the limit stays at 8 calls: only the probes of a ninth call go past it,
+    # one call each, ever less often (5 s after the ceiling is found, then 10 s, then 20 s)
+    assert max(math.floor(value) for t, value in limits_seen if t >= 10.0) == 8
     settled = [c for c in calls if c[0] >= 10.0]
-    above = [t for t, in_flight, _ in settled if in_flight > 8]
     refused = [t for t, _, r in settled if r]
     assert len(refused) <= 2, refused
-    assert len(above) <= 2 * 9, above  # each probe: one round of 9 calls
-    assert 7 <= math.floor(limit.limit) <= 8
+    assert all(in_flight <= 9 for _, in_flight, _ in settled)
+
+
+def test_a_refused_probe_leaves_the_limit_and_doubles_the_wait_for_the_next() -> None:
+    clock = Clock()
+    limit = AdaptiveLimit(50, clock=clock)
+    limits_seen: list[tuple[float, float]] = []
+    calls = simulate(limit, clock, seconds=60, pushes_back_above=8, limits_seen=limits_seen)
+    # The probes: the rounds with a ninth call in flight, once the ceiling of 8 is found
+    found = next(t for t, value in limits_seen if math.floor(value) == 8)
+    probes = sorted({t for t, in_flight, _ in calls if in_flight == 9 and t > found})
+    gaps = [round(b - a) for a, b in itertools.pairwise(probes)]
+    assert gaps == [10, 20], probes  # 5 s after the ceiling, then 10 s, then 20 s
+    # and none of them moved the limit off 8 calls
+    assert {math.floor(value) for t, value in limits_seen if t > probes[0]} == {8}
 
 
 def test_when_the_function_stops_refusing_the_limit_climbs_back_to_its_cap() -> None:

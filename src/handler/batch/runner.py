@@ -368,17 +368,18 @@ class BatchRunner:
             )
             return
         # Whoever frees a slot of this function (or queued a job for it) sends what is waiting.
-        while limit.try_acquire():
+        while slot := limit.try_acquire():
+            probe = slot == "probe"
             with run.lock:
                 next_job = waiting.popleft() if waiting else None
             if next_job is None:
-                limit.release(None, None)
+                limit.release(None, None, probe=probe)
                 return
             outcome, latency = None, None
             try:
                 outcome, latency = self._send(next_job, route, run)
             finally:
-                limit.release(outcome, latency)
+                limit.release(outcome, latency, probe=probe)
 
     def _check(self, job: ClaimedJob, run: _Run) -> None:
         """An expired last attempt: its idempotency record decides, the function is not called."""

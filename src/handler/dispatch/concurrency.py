@@ -6,13 +6,13 @@ or a success three times slower than usual (and 100 ms slower at least), at most
 latency so that a burst of refusals counts once. Never above the function's cap (its route's
 max_concurrency, or MAX_CONCURRENCY), never below 1.
 
-Congestion at N calls in flight makes N - 1 the function's ceiling: for a while the limit climbs
-to it and no further (calls in flight are floor(limit)), then it probes one more call, four times
-slower. A probe that meets congestion again at the same point doubles that while (5 s, 10 s, ...
-up to a minute), so a function that keeps pushing back at N is probed rarely; a probe that gets
-two calls past the ceiling forgets it, and the limit climbs on to its cap. An invocation starts
-from the limits the last ones left in the database (queue_functions) and leaves its own;
-docs/adr/0007-flow-control.md.
+Congestion at N calls in flight makes N - 1 the function's ceiling: the limit climbs to it and
+no further (calls in flight are floor(limit)). Now and then, with every slot busy, one call more
+is let through: a probe, 5 s after the ceiling was found. A refused probe costs that call a retry
+and doubles the wait before the next one (10 s, 20 s, ... up to a minute), and leaves the limit
+as it is; a probe that succeeds forgets the ceiling, and the limit climbs on to its cap. An
+invocation starts from the limits the last ones left in the database (queue_functions) and leaves
+its own; docs/adr/0007-flow-control.md.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from typing import Literal, NamedTuple
 from handler.dispatch.outcomes import Outcome
 
 Signal = Literal["ok", "congested", "neutral"]
+Acquired = Literal["slot", "probe"]  # a slot within the limit, or the one call past a ceiling
 
 DECREASE_FACTOR = 0.7
 LATENCY_JUMP = 3.0
 LATENCY_JUMP_MIN_MS = 100.0
 CEILING_MEMORY_SECONDS = 5.0  # how long the limit stays at a new ceiling before probing it
-CEILING_MEMORY_MAX_SECONDS = 60.0  # ... doubled after each failed probe, up to this
-SLOW_CLIMB = 4.0  # how much slower the limit climbs while it probes above the ceiling
+CEILING_MEMORY_MAX_SECONDS = 60.0  # ... doubled after each refused probe, up to this
 # Just under the next whole call: at the ceiling, floor(limit) admits no call more.
 _BELOW_NEXT_CALL = 0.999
 
@@ -59,8 +59,9 @@ class AdaptiveLimit:
         self._peak = 0  # the most calls in flight since the last decrease
         self._base_ms: float | None = None  # the usual latency of a success
         self._ceiling: float | None = None
-        self._ceiling_at = 0.0
+        self._ceiling_at = 0.0  # when the ceiling was found, met again or last probed
         self._memory = CEILING_MEMORY_SECONDS
+        self._probing = False
         self._last_decrease = -math.inf
         self._lock = threading.Lock()
 
@@ -72,30 +73,65 @@ class AdaptiveLimit:
     def in_flight(self) -> int:
         return self._in_flight
 
-    def try_acquire(self) -> bool:
-        """Takes a slot if one is free."""
+    def try_acquire(self) -> Acquired | None:
+        """Takes a slot if one is free, or the probe's when one is due; None: neither."""
         with self._lock:
-            if self._in_flight >= max(1, math.floor(self._limit)):
-                return False
+            allowed = max(1, math.floor(self._limit))
+            kind: Acquired
+            if self._in_flight < allowed:
+                kind = "slot"
+            elif self._in_flight == allowed and self._probe_due(allowed):
+                kind = "probe"
+                self._probing = True
+            else:
+                return None
             self._in_flight += 1
             self._peak = max(self._peak, self._in_flight)
-            return True
+            return kind
 
-    def release(self, outcome: Outcome | None, latency_ms: float | None) -> None:
-        """Gives the slot back, learning from how the call went (None: it was never sent)."""
+    def release(
+        self, outcome: Outcome | None, latency_ms: float | None, *, probe: bool = False
+    ) -> None:
+        """Gives the slot back, learning from how the call went (None: it was never sent);
+        `probe`: the slot was the probe's."""
         now = self._clock()
         with self._lock:
             self._in_flight = max(0, self._in_flight - 1)
+            if probe:
+                self._probing = False
             if outcome is None:
-                return
+                return  # never sent (a probe's slot too: the next call may probe)
             signal = signal_of(outcome)
             if signal == "ok" and latency_ms is not None and self._jumped(latency_ms):
                 signal = "congested"
             if signal == "ok":
                 self._learn_latency(latency_ms)
-                self._increase(now)
+            if probe:
+                self._probed(now, signal)
+            elif signal == "ok":
+                self._increase()
             elif signal == "congested":
                 self._decrease(now, latency_ms)
+
+    def _probe_due(self, allowed: int) -> bool:
+        ceiling = self._ceiling
+        return (
+            ceiling is not None
+            and not self._probing
+            and ceiling <= allowed < self.cap
+            and self._clock() - self._ceiling_at >= self._memory
+        )
+
+    def _probed(self, now: float, signal: Signal) -> None:
+        if signal == "ok":
+            # The function took one call more than the ceiling: it takes more now.
+            self._ceiling = None
+            self._memory = CEILING_MEMORY_SECONDS
+            self._increase()
+            return
+        if signal == "congested":
+            self._memory = min(CEILING_MEMORY_MAX_SECONDS, self._memory * 2)
+        self._ceiling_at = now  # refused (or inconclusive): the limit stays as it is
 
     def _jumped(self, latency_ms: float) -> bool:
         base = self._base_ms
@@ -113,38 +149,23 @@ class AdaptiveLimit:
         else:  # drifts up slowly, so that one fast call does not make every other one a jump
             self._base_ms += 0.05 * (latency_ms - self._base_ms)
 
-    def _increase(self, now: float) -> None:
+    def _increase(self) -> None:
         step = 1.0 / self._limit
-        ceiling = self._ceiling
-        if ceiling is not None:
-            if self._limit >= ceiling + 2.0:
-                self._ceiling = None  # the probe got past it: the function takes more now
-                self._memory = CEILING_MEMORY_SECONDS
-            elif now - self._ceiling_at < self._memory:
-                # Up to the ceiling, not past it.
-                self._limit = max(self._limit, min(self._limit + step, ceiling + _BELOW_NEXT_CALL))
-                return
-            elif self._limit >= ceiling:
-                step /= SLOW_CLIMB  # the probe
+        if self._ceiling is not None:
+            # Up to the ceiling, not past it: floor(limit) admits no call more.
+            self._limit = max(
+                self._limit, min(self._limit + step, self._ceiling + _BELOW_NEXT_CALL)
+            )
+            return
         self._limit = min(float(self.cap), self._limit + step)
 
     def _decrease(self, now: float, latency_ms: float | None) -> None:
         # The refused call was sent with at most the peak in flight: one fewer is the ceiling.
         ceiling = max(1.0, self._peak - 1.0)
-        if (
-            self._ceiling is not None
-            and ceiling >= self._ceiling
-            and now - self._ceiling_at >= self._memory
-        ):
-            # A probe of this ceiling failed: wait longer before the next one.
-            self._memory = min(CEILING_MEMORY_MAX_SECONDS, self._memory * 2)
-            ceiling = self._ceiling
-        elif self._ceiling is None or ceiling < self._ceiling:
+        if self._ceiling is None or ceiling < self._ceiling:
+            self._ceiling = ceiling
             self._memory = CEILING_MEMORY_SECONDS
-        else:
-            ceiling = self._ceiling  # congestion below the remembered point changes nothing
-        self._ceiling = ceiling
-        self._ceiling_at = now
+        self._ceiling_at = now  # pushed back at (or below) the ceiling: the probe waits
         window = (latency_ms or 0.0) / 1000
         if now - self._last_decrease < window:
             return  # the same burst of refusals

@@ -14,12 +14,18 @@ import json
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pg8000.native
 import pytest
 
+from handler.local.standin import StandIn
 from handler.queue import connection, migrations
+from handler.runtime.events import parse_event
+from handler.runtime.settings import parse_settings
+from handler.runtime.worker import Worker
 
 API_ROLES = ("anon", "authenticated")
 WORKER_LOGIN = "queue_worker_test_worker"
@@ -72,6 +78,8 @@ GRANT queue_worker_operator TO {OPERATOR_LOGIN};
 """
 
 USER_WRAPPER = "public.enqueue_job_as_user(text, jsonb, timestamptz, text, uuid[])"
+SCHEDULED_EVENT = Path(__file__).parents[2] / "events" / "scheduled-event.json"
+SIMULATE_503 = json.dumps({"simulate": {"status": 503, "headers": {"Retry-After": "600"}}})
 
 
 @pytest.fixture(scope="module")
@@ -408,3 +416,63 @@ def test_the_operator_role_requeues_cancels_prunes_and_manages_schedules(
         assert refused(operator, sql) is None, sql
     # Row-level security: not even an operator reads a table directly
     assert refused(operator, "SELECT * FROM queue_worker.queue_jobs") == "42501"
+
+
+def url_of_login(server_url: str, database: str, role: str) -> str:
+    """The server's URL for `role` (trust, no password) and `database`."""
+    parts = urlsplit(server_url)
+    where = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{role}@{where}", path=f"/{database}"))
+
+
+@pytest.mark.parametrize(
+    ("run_mode", "event"),
+    [("batch", {}), ("rounds", json.loads(SCHEDULED_EVENT.read_text()))],
+    ids=["batch", "rounds-lingering"],
+)
+def test_the_worker_role_runs_a_whole_invocation_through_the_lambdas_code_path(
+    owner: pg8000.native.Connection,
+    supabase: dict[str, Any],
+    server_url: str,
+    run_mode: str,
+    event: dict[str, Any],
+) -> None:
+    # Given jobs that complete, one the function refuses for now (503), one with no route, and a
+    # worker that logs in as a role granted queue_worker_runtime only
+    tenant = str(uuid.uuid4())
+    enqueue = "SELECT queue_worker.enqueue_job(CAST(:t AS uuid), :type, CAST(:p AS jsonb))"
+    done = [
+        owner.run(enqueue, t=tenant, type=job_type, p="{}")[0][0]
+        for job_type in ("ingest_slack", "process_embeddings", "generate_digest")
+    ]
+    [[busy]] = owner.run(enqueue, t=tenant, type="ingest_microsoft", p=SIMULATE_503)
+    [[lost]] = owner.run(enqueue, t=tenant, type="no_such_type", p="{}")
+    database = supabase["settings"].database
+    with StandIn() as functions:
+        env = {
+            "DATABASE_URL": url_of_login(server_url, database, WORKER_LOGIN),
+            "FUNCTIONS_BASE_URL": functions.base_url,
+            "SUPABASE_SERVICE_ROLE_KEY": "k",
+            "IDEMPOTENCY_STORE": "postgres",
+            "RUN_MODE": run_mode,
+        }
+        worker = Worker(parse_settings(env))
+        try:
+            # When it runs one invocation (in rounds, a scheduled one, which lingers when idle)
+            summary, backlog = worker.run(parse_event(event), remaining_seconds=8, request_id="w")
+        finally:
+            worker.close()
+    # Then every step had the privileges it needed: claimed, sent, settled every way
+    assert (summary.claimed, summary.completed, summary.unsettled) == (5, 3, 0)
+    assert (summary.retried, summary.dead_lettered) == (1, 1)
+    statuses = dict(owner.run("SELECT id, status FROM queue_worker.queue_jobs"))
+    assert {statuses[job] for job in done} == {"completed"}
+    assert statuses[busy] == "pending"
+    [[reason]] = owner.run(
+        "SELECT reason FROM queue_worker.queue_jobs_dead_letter WHERE id = :id", id=lost
+    )
+    assert "No route" in reason
+    assert backlog.due_now == 0
+    # and the idempotency records, function limits and routes it keeps were written
+    assert owner.run("SELECT count(*) FROM queue_worker.queue_idempotency")[0][0] >= 3
+    assert owner.run("SELECT count(*) FROM queue_worker.queue_routes")[0][0] >= 5

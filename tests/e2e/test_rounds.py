@@ -11,6 +11,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
 from typing import Any
 
 import pg8000.native
@@ -164,6 +165,34 @@ def test_a_job_enqueued_while_an_invocation_lingers_is_dispatched_by_it(
     assert lingerer == summary.worker_id
     assert (summary.claimed, summary.completed) == (1, 1)
     assert summary.lingered_ms > 0
+    assert [r.body["job_id"] for r in standin.requests()] == [str(job)]
+
+
+@pytest.mark.parametrize("pool_mode", ["session", "transaction"])
+def test_a_job_that_comes_due_while_an_invocation_lingers_is_dispatched_by_it(
+    store: QueueStore,
+    standin: StandIn,
+    make_worker: Callable[..., Worker],
+    pool: ThreadPoolExecutor,
+    monkeypatch: pytest.MonkeyPatch,
+    pool_mode: str,
+) -> None:
+    # Given a scheduled rounds invocation lingering, and then a job due a second later (its
+    # enqueue wakes nobody: the tenant is not due yet), as a retry or a delayed job would be
+    watch = LingerWatch(monkeypatch)
+    worker = make_worker(run_mode="rounds", database_pool_mode=pool_mode)
+    running = run_in(pool, worker, SCHEDULED, 60)
+    lingerer = watch.wait_for_first()
+    job = store.enqueue(
+        uuid.uuid4(), "ingest_slack", scheduled_at=store.now() + timedelta(seconds=1)
+    )
+
+    # When it comes due, then the lingering invocation dispatches it
+    standin.wait_for_requests(1)
+    assert store.take_linger("the-next-tick", store.now(), 60)
+    summary, _ = running.result(timeout=60)
+    assert lingerer == summary.worker_id
+    assert (summary.claimed, summary.completed) == (1, 1)
     assert [r.body["job_id"] for r in standin.requests()] == [str(job)]
 
 

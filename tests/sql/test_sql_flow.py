@@ -313,6 +313,24 @@ def test_a_tenant_that_becomes_due_is_notified_on_queue_worker_due(
     assert list(listener.notifications) == []
 
 
+def test_a_job_its_dependency_releases_is_notified_on_queue_worker_due(
+    queue: Queue, other_queue: Callable[[], Queue]
+) -> None:
+    # Given a tenant whose only due job is claimed, and a job waiting on it
+    listener = other_queue().conn
+    listener.run("LISTEN queue_worker_due")
+    tenant = uuid.uuid4()
+    first = queue.enqueue(tenant)
+    [claimed] = claim(queue, tenant_id=tenant)
+    queue.enqueue(tenant, depends_on=[first])
+    listener.run("SELECT 1")
+    listener.notifications.clear()
+    # When the first completes, releasing the second, a lingering worker is woken
+    complete_all(queue, "w", [claimed])
+    listener.run("SELECT 1")
+    assert [n[1] for n in listener.notifications] == ["queue_worker_due"]
+
+
 # Lingering ---------------------------------------------------------------------------------------
 
 

@@ -76,7 +76,7 @@ class BatchLimits(NamedTuple):
 
 
 class Summary:
-    """The invocation's return value (as the design's event contract says), plus what an
+    """The invocation's return value (README, "Events and the summary"), plus what an
     operator wants to see. (A plain class: a dataclass costs a compile at import, on every cold
     start: docs/adr/0012-value-classes.md.)"""
 

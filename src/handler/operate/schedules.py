@@ -97,17 +97,19 @@ class FireReport:
     """What one fire_due_schedules() run did. (A plain class: a dataclass costs a compile at
     import, on every cold start: docs/adr/0012-value-classes.md.)"""
 
-    __slots__ = (
-        "conflicts",
-        "error_messages",
-        "errors",
+    # The report's keys, in order.
+    FIELDS = (
         "fired",
-        "initialized",
         "jobs_created",
+        "skipped",
+        "conflicts",
+        "initialized",
+        "errors",
         "paused",
         "remaining",
-        "skipped",
+        "error_messages",
     )
+    __slots__ = FIELDS
 
     def __init__(self) -> None:
         self.fired = 0  # schedules that enqueued their due fire times
@@ -121,7 +123,7 @@ class FireReport:
         self.error_messages: list[str] = []
 
     def as_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__slots__}
+        return {name: getattr(self, name) for name in self.FIELDS}
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, FireReport) and self.as_dict() == other.as_dict()

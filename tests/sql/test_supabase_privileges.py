@@ -113,7 +113,8 @@ def owner(supabase: dict[str, Any]) -> pg8000.native.Connection:
     conn.run("ROLLBACK")  # a no-op (a warning) unless a failed test left one open
     conn.run(
         "TRUNCATE queue_worker.queue_jobs, queue_worker.queue_jobs_dead_letter,"
-        " queue_worker.queue_job_dependencies, queue_worker.queue_user_enqueue_rules"
+        " queue_worker.queue_job_dependencies, queue_worker.queue_user_enqueue_rules,"
+        " queue_worker.queue_schedules"
     )
     conn.run(f"REVOKE ALL ON FUNCTION {USER_WRAPPER} FROM authenticated")
     return conn
@@ -447,6 +448,13 @@ def test_the_worker_role_runs_a_whole_invocation_through_the_lambdas_code_path(
     ]
     [[busy]] = owner.run(enqueue, t=tenant, type="ingest_microsoft", p=SIMULATE_503)
     [[lost]] = owner.run(enqueue, t=tenant, type="no_such_type", p="{}")
+    # and two recurring schedules: one whose first fire time is not computed yet, one due now
+    schedule = (
+        "SELECT queue_worker.upsert_schedule(CAST(:t AS uuid), :name, 'ingest_slack',"
+        " '0 * * * *', p_next_fire_at => CAST(:at AS timestamptz))"
+    )
+    owner.run(schedule, t=tenant, name="new", at=None)
+    owner.run(schedule, t=tenant, name="due", at="2000-01-01T00:00:00Z")
     database = supabase["settings"].database
     with StandIn() as functions:
         env = {
@@ -462,11 +470,15 @@ def test_the_worker_role_runs_a_whole_invocation_through_the_lambdas_code_path(
             summary, backlog = worker.run(parse_event(event), remaining_seconds=8, request_id="w")
         finally:
             worker.close()
-    # Then every step had the privileges it needed: claimed, sent, settled every way
-    assert (summary.claimed, summary.completed, summary.unsettled) == (5, 3, 0)
+    # Then every step had the privileges it needed: the schedules fired (the due one enqueued
+    # its job), every job claimed, sent and settled every way
+    assert summary.scheduled_jobs_created == 1
+    assert (summary.claimed, summary.completed, summary.unsettled) == (6, 4, 0)
     assert (summary.retried, summary.dead_lettered) == (1, 1)
     statuses = dict(owner.run("SELECT id, status FROM queue_worker.queue_jobs"))
     assert {statuses[job] for job in done} == {"completed"}
+    unset = owner.run("SELECT name FROM queue_worker.queue_schedules WHERE next_fire_at IS NULL")
+    assert unset == []
     assert statuses[busy] == "pending"
     [[reason]] = owner.run(
         "SELECT reason FROM queue_worker.queue_jobs_dead_letter WHERE id = :id", id=lost

@@ -653,7 +653,7 @@ class QueueStore:
 
     def schedule_updated_at(self, schedule_id: UUID) -> datetime | None:
         rows = self._run(
-            "SELECT updated_at FROM queue_worker.get_schedule(CAST(:id AS uuid))",
+            "SELECT queue_worker.queue_schedule_updated_at(CAST(:id AS uuid))",
             idempotent=True,
             id=str(schedule_id),
         )

@@ -16,8 +16,6 @@ Two modes (docs/architecture.md):
   new work (batch/linger.py).
 """
 
-from __future__ import annotations
-
 import contextlib
 import logging
 import queue
@@ -27,11 +25,10 @@ from collections import Counter, defaultdict, deque
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 from uuid import UUID
 
 from handler.batch.budget import TimeBudget
-from handler.batch.linger import Linger
 from handler.batch.settlement import SettlementBuffer
 from handler.dispatch.concurrency import FunctionLimits
 from handler.dispatch.guard import DeliveryGuard, DeliveryReport
@@ -39,6 +36,9 @@ from handler.dispatch.routes import Route
 from handler.dispatch.tracecontext import TraceRoot, batch_root
 from handler.operate.observability import active_tracer, logger
 from handler.queue.store import ClaimedJob, QueueStore, Settlement
+
+if TYPE_CHECKING:
+    from handler.batch.linger import Linger  # rounds only: imported when one lingers
 
 # A single batch settles this often while it runs (and at its end).
 SETTLE_INTERVAL_SECONDS = 5.0
@@ -131,6 +131,73 @@ class Summary:
         return f"Summary({self.as_dict()})"
 
 
+class _Run:
+    """What one invocation's thread and its lanes share."""
+
+    def __init__(
+        self,
+        *,
+        worker_id: str,
+        limits: BatchLimits,
+        budget: TimeBudget,
+        buffer: SettlementBuffer,
+        functions: FunctionLimits,
+        trace: TraceRoot,  # the batch's trace, and the X-Ray entity deliveries nest under
+        summary: Summary,
+    ) -> None:
+        self.worker_id = worker_id
+        self.limits = limits
+        self.budget = budget
+        self.buffer = buffer
+        self.functions = functions
+        self.trace = trace
+        self.summary = summary
+        self.work: queue.SimpleQueue[ClaimedJob | None] = queue.SimpleQueue()
+        self.lanes: list[Future[None]] = []
+        self.lanes_failed = False
+        self.open_circuits: set[str] = set()
+        self.circuits: list[tuple[str, int, str]] = []  # (function, status, error)
+        self.waiting: defaultdict[str, deque[ClaimedJob]] = defaultdict(deque)
+        self.lock = threading.Lock()
+        self._handed_out = 0
+        self._settled = 0
+        self._generation = 0  # counts changes, so that a wait never misses one just before
+        self._changed = threading.Condition()
+
+    @property
+    def outstanding(self) -> int:
+        """Jobs handed to the lanes whose outcome is not in the buffer yet."""
+        return self._handed_out - self._settled
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def handed_out(self) -> None:
+        self._handed_out += 1
+
+    def settle(self, settlement: Settlement) -> None:
+        """A lane's outcome. The invocation's thread is woken for it in rounds (a free lane is a
+        reason to claim); a single batch wakes it only when its last job is done."""
+        self.buffer.add(settlement)
+        with self._changed:
+            self._settled += 1
+            if self.limits.rounds or self._settled >= self._handed_out:
+                self._generation += 1
+                self._changed.notify_all()
+
+    def changed(self) -> None:
+        with self._changed:
+            self._generation += 1
+            self._changed.notify_all()
+
+    def wait_for_change(self, timeout: float, seen: int | None = None) -> None:
+        """Waits up to `timeout` for a change after generation `seen` (default: now)."""
+        with self._changed:
+            if seen is None or seen == self._generation:
+                self._changed.wait(timeout)
+
+
 class BatchRunner:
     def __init__(
         self,
@@ -156,7 +223,7 @@ class BatchRunner:
         limits: BatchLimits,
         budget: TimeBudget,
         *,
-        linger: Linger | None = None,
+        linger: "Linger | None" = None,
     ) -> Summary:
         summary = Summary(worker_id=worker_id)
         trace = _trace_root()  # before the claim: nothing may fail between claim and dispatch
@@ -180,7 +247,7 @@ class BatchRunner:
 
     # The invocation's thread -------------------------------------------------------------------
 
-    def _loop(self, run: _Run, linger: Linger | None) -> None:
+    def _loop(self, run: _Run, linger: "Linger | None") -> None:
         limits = run.limits
         interval = ROUND_SETTLE_SECONDS if limits.rounds else SETTLE_INTERVAL_SECONDS
         last_flush = last_states = time.monotonic()
@@ -472,73 +539,6 @@ class BatchRunner:
         return Settlement(
             job.id, job.attempt, outcome.kind, outcome.error, outcome.status, outcome.retry_at
         )
-
-
-class _Run:
-    """What one invocation's thread and its lanes share."""
-
-    def __init__(
-        self,
-        *,
-        worker_id: str,
-        limits: BatchLimits,
-        budget: TimeBudget,
-        buffer: SettlementBuffer,
-        functions: FunctionLimits,
-        trace: TraceRoot,  # the batch's trace, and the X-Ray entity deliveries nest under
-        summary: Summary,
-    ) -> None:
-        self.worker_id = worker_id
-        self.limits = limits
-        self.budget = budget
-        self.buffer = buffer
-        self.functions = functions
-        self.trace = trace
-        self.summary = summary
-        self.work: queue.SimpleQueue[ClaimedJob | None] = queue.SimpleQueue()
-        self.lanes: list[Future[None]] = []
-        self.lanes_failed = False
-        self.open_circuits: set[str] = set()
-        self.circuits: list[tuple[str, int, str]] = []  # (function, status, error)
-        self.waiting: defaultdict[str, deque[ClaimedJob]] = defaultdict(deque)
-        self.lock = threading.Lock()
-        self._handed_out = 0
-        self._settled = 0
-        self._generation = 0  # counts changes, so that a wait never misses one just before
-        self._changed = threading.Condition()
-
-    @property
-    def outstanding(self) -> int:
-        """Jobs handed to the lanes whose outcome is not in the buffer yet."""
-        return self._handed_out - self._settled
-
-    @property
-    def generation(self) -> int:
-        return self._generation
-
-    def handed_out(self) -> None:
-        self._handed_out += 1
-
-    def settle(self, settlement: Settlement) -> None:
-        """A lane's outcome. The invocation's thread is woken for it in rounds (a free lane is a
-        reason to claim); a single batch wakes it only when its last job is done."""
-        self.buffer.add(settlement)
-        with self._changed:
-            self._settled += 1
-            if self.limits.rounds or self._settled >= self._handed_out:
-                self._generation += 1
-                self._changed.notify_all()
-
-    def changed(self) -> None:
-        with self._changed:
-            self._generation += 1
-            self._changed.notify_all()
-
-    def wait_for_change(self, timeout: float, seen: int | None = None) -> None:
-        """Waits up to `timeout` for a change after generation `seen` (default: now)."""
-        with self._changed:
-            if seen is None or seen == self._generation:
-                self._changed.wait(timeout)
 
 
 def _trace_root() -> TraceRoot:

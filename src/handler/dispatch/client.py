@@ -20,8 +20,6 @@ it is told:
   MAX_RESPONSE_BYTES, whatever its size or framing.
 """
 
-from __future__ import annotations
-
 import functools
 import http.cookiejar
 import json

@@ -15,8 +15,6 @@ invocation starts from the limits the last ones left in the database (queue_func
 its own; docs/adr/0007-flow-control.md.
 """
 
-from __future__ import annotations
-
 import math
 import threading
 import time

@@ -9,8 +9,6 @@ next attempt finds the record and settles the job without calling the function a
 dispatch raises, so Powertools deletes the record and a retry calls again.
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
@@ -75,8 +73,8 @@ class DeliveryGuard:
     def __init__(
         self,
         dispatcher: Dispatcher,
-        persistence_store: BasePersistenceLayer | None,
-        config: IdempotencyConfig | None,
+        persistence_store: "BasePersistenceLayer | None",
+        config: "IdempotencyConfig | None",
     ) -> None:
         self._dispatcher = dispatcher
         self._store = persistence_store
@@ -178,7 +176,7 @@ class DeliveryGuard:
             raise DispatchFailedError(call.delivery)
         return {"status": call.delivery.outcome.status}
 
-    def check(self, job: ClaimedJob) -> CheckReport:
+    def check(self, job: ClaimedJob) -> "CheckReport":
         """Reads the job's idempotency record (no call to the function). A store that cannot
         answer defers the decision: a job whose function answered 2xx is never dead-lettered."""
         from aws_lambda_powertools.utilities.idempotency.exceptions import (

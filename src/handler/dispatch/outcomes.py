@@ -3,8 +3,6 @@
 Messages are the seed's, verbatim, so that existing dashboards and runbooks keep matching.
 """
 
-from __future__ import annotations
-
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta

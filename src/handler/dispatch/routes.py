@@ -1,8 +1,6 @@
 """Which function a job type is POSTed to, how many calls to it may be in flight at once, and at
 what rate it may be called (shared by every invocation: the claim takes the function's tokens)."""
 
-from __future__ import annotations
-
 import json
 import re
 from collections.abc import Mapping

@@ -8,8 +8,6 @@ entity when tracing is on; otherwise the trace header the Lambda runtime puts in
 a span id of its own: its X-Ray subsegment's id when tracing records it, else a random one.
 """
 
-from __future__ import annotations
-
 import os
 import secrets
 from typing import Any, NamedTuple

@@ -4,8 +4,6 @@ One chunk is one short transaction under a transaction-level advisory lock (see 
 the SQL): only one invocation prunes at a time, and a claim is never blocked by it.
 """
 
-from __future__ import annotations
-
 import time
 from datetime import UTC, datetime, timedelta
 from typing import NamedTuple

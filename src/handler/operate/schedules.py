@@ -15,8 +15,6 @@ or hour field fires by the clock of UTC instead, every time it matches). The SQL
 that concurrent firing runs enqueue each fire time exactly once.
 """
 
-from __future__ import annotations
-
 import json
 import logging
 import random

@@ -17,8 +17,6 @@ Only `migrate` changes the schema. Every other entry point checks the version wi
 `check_schema` (one cheap query) and refuses a database that is not migrated or is behind.
 """
 
-from __future__ import annotations
-
 import contextlib
 import hashlib
 from importlib import resources

@@ -14,8 +14,6 @@ compare-and-set. Anything else (an enqueue, a requeue) reports the loss instead 
 A store opened from a provider checks the schema version once, on its first connection.
 """
 
-from __future__ import annotations
-
 import contextlib
 import json
 import math

@@ -6,8 +6,6 @@
 Anything else raises EventError naming the field.
 """
 
-from __future__ import annotations
-
 import re
 from collections.abc import Mapping
 from datetime import datetime

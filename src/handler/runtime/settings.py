@@ -36,7 +36,9 @@ N = TypeVar("N", int, float)
 SECRET_MAX_AGE_SECONDS = 300
 
 
-@dataclass(frozen=True)
+# eq=False: nothing compares two settings, and equality is the largest method a dataclass
+# compiles at import (docs/adr/0012-value-classes.md).
+@dataclass(frozen=True, eq=False)
 class Settings:
     functions_base_url: str
     # Exactly one of each pair is set; the secrets never appear in repr().
@@ -155,7 +157,7 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # as Settings
 class DatabaseConfig:
     """Where the queue's database is: DATABASE_URL parsed, or DATABASE_SECRET_ARN, whose secret
     is read (through Powertools Parameters, cached) when the settings are asked for."""

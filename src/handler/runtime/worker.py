@@ -3,8 +3,6 @@ threads, idempotency store) and one invocation's run through it. The Lambda hand
 command line both call `Worker.run`, so a local run takes the same code path as the Lambda.
 """
 
-from __future__ import annotations
-
 import functools
 import gc
 import os
@@ -17,12 +15,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from aws_lambda_powertools.metrics import MetricUnit
 
 from handler.batch.budget import TimeBudget
-from handler.batch.linger import Linger
 from handler.batch.runner import BatchLimits, BatchRunner, Summary
 from handler.dispatch.client import Dispatcher
 from handler.dispatch.guard import DeliveryGuard
-from handler.operate import fanout
-from handler.operate.fanout import FanOutPlan
 from handler.operate.maintenance import PruneReport, prune
 from handler.operate.observability import SERVICE, emit_counts, emit_per_function, logger
 from handler.operate.schedules import FireReport, fire_due_schedules
@@ -35,6 +30,9 @@ if TYPE_CHECKING:
     from aws_lambda_powertools.utilities.idempotency import IdempotencyConfig
     from aws_lambda_powertools.utilities.idempotency.persistence.base import BasePersistenceLayer
     from mypy_boto3_lambda import LambdaClient
+
+    from handler.batch.linger import Linger
+    from handler.operate.fanout import FanOutPlan
 
 MAINTENANCE_SECONDS = 2.0
 SCHEDULES_SECONDS = 2.0
@@ -139,7 +137,7 @@ class Worker:
         summary.duration_ms = budget.elapsed_ms()
         return summary, Backlog(due, oldest)
 
-    def _linger(self, invocation: Invocation, worker_id: str, shards: int) -> Linger | None:
+    def _linger(self, invocation: Invocation, worker_id: str, shards: int) -> "Linger | None":
         """Only a scheduled invocation of all tenants lingers (not a direct one, a tenant's, nor a
         fan-out copy or a run that fanned out): the next tick takes over from it."""
         if (
@@ -149,6 +147,8 @@ class Worker:
             or shards > 1
         ):
             return None
+        from handler.batch.linger import Linger  # rounds only: not at every cold start
+
         return Linger(
             self.store,
             worker_id,
@@ -166,7 +166,7 @@ class Worker:
 
     def _fan_out(
         self, invocation: Invocation, lambda_context: Any
-    ) -> tuple[FanOutPlan, int] | None:
+    ) -> "tuple[FanOutPlan, int] | None":
         """Starts asynchronous copies when the backlog is larger than one batch can take.
         Only a scheduled, unfiltered run in Lambda fans out; the copies never do."""
         arn = getattr(lambda_context, "invoked_function_arn", None)
@@ -178,6 +178,8 @@ class Worker:
             or invocation.is_fan_out_copy
         ):
             return None
+        from handler.operate import fanout  # FAN_OUT_MAX only: not at every cold start
+
         due, _ = self.store.backlog()
         plan = fanout.plan(
             due_now=due,
@@ -235,7 +237,7 @@ class Worker:
             time_limit_s=min(MAINTENANCE_SECONDS, time_left),
         )
 
-    def _lambda_client(self) -> LambdaClient:
+    def _lambda_client(self) -> "LambdaClient":
         if self._lambda is None:
             import boto3  # only the fan-out needs it
 

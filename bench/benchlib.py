@@ -139,13 +139,11 @@ def connect(
     (seconds) bounds every socket operation, so a long statement needs a long one. The queue's
     tables live in the schema ``queue_worker`` (migration 0005): the benchmarks' own SQL names
     them unqualified, so the session's ``search_path`` starts there (``None``: left as is)."""
-    import dataclasses
-
     from handler.queue import connection
 
     settings = connection.parse_database_url(url)
     if timeout is not None:
-        settings = dataclasses.replace(settings, connect_timeout=timeout)
+        settings = settings.replace(connect_timeout=timeout)
     conn = connection.connect(settings)
     if search_path:
         conn.run(f"SET search_path TO {search_path}")

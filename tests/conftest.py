@@ -13,7 +13,6 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pg8000.native
@@ -73,7 +72,7 @@ def database_url(server_url: str) -> Iterator[str]:
     name = f"queue_worker_test_{uuid.uuid4().hex[:12]}"
     admin = connection.connect(admin_settings)
     admin.run(f'CREATE DATABASE "{name}"')
-    settings = replace(admin_settings, database=name)
+    settings = admin_settings.replace(database=name)
     conn = connection.connect(settings)
     migrations.migrate(conn)
     conn.close()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -139,10 +138,9 @@ def test_when_both_ways_fail_the_telling_error_is_reported(
 
 
 def test_an_error_from_the_secret_path_names_the_secret(tls_server: Cluster) -> None:
-    settings = replace(
-        parse(tls_server.url(SECRET_USER, password="wrong-Pa55word", sslmode="require")),
-        source="DATABASE_SECRET_ARN",
-    )
+    settings = parse(
+        tls_server.url(SECRET_USER, password="wrong-Pa55word", sslmode="require")
+    ).replace(source="DATABASE_SECRET_ARN")
 
     error = failure(settings)
 
@@ -236,8 +234,9 @@ def silent_server() -> Iterator[int]:
 def test_a_server_that_never_answers_times_out_as_unreachable(
     silent_server: int, sslmode: str
 ) -> None:
-    settings = replace(
-        parse(f"postgresql://u:s3cret@127.0.0.1:{silent_server}/d?sslmode={sslmode}"),
+    settings = parse(
+        f"postgresql://u:s3cret@127.0.0.1:{silent_server}/d?sslmode={sslmode}"
+    ).replace(
         connect_timeout=0.5,
     )
     error = failure(settings)  # and not tried again: it waited long enough already

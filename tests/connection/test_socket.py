@@ -5,7 +5,6 @@ Nagle's algorithm off, and libpq's `options` sent to the server; over TLS and wi
 from __future__ import annotations
 
 import socket
-from dataclasses import replace
 
 import pg8000.native
 import pytest
@@ -49,7 +48,7 @@ def test_a_statement_longer_than_connect_timeout_completes(server: Cluster) -> N
     settings = connection.parse_database_url(
         server.url(sslmode="require" if server.tls else "disable")
     )
-    conn = connection.connect(replace(settings, connect_timeout=1.0))
+    conn = connection.connect(settings.replace(connect_timeout=1.0))
     try:
         # When a statement takes longer than that, Then it completes
         assert conn.run("SELECT pg_sleep(1.5), 'done'") == [["", "done"]]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-from dataclasses import replace
 
 import pytest
 
@@ -54,7 +53,7 @@ def test_a_connection_over_tcp_uses_such_a_socket(database_url: str) -> None:
 
 def test_a_statement_longer_than_connect_timeout_completes(database_url: str) -> None:
     # Given a connection (over TCP or a unix socket) made with a connect timeout of one second
-    settings = replace(connection.parse_database_url(database_url), connect_timeout=1.0)
+    settings = connection.parse_database_url(database_url).replace(connect_timeout=1.0)
     conn = connection.connect(settings)
     try:
         # When a statement takes longer than that, Then it completes

@@ -7,7 +7,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 
 import pg8000.native
 import pytest
@@ -25,7 +24,7 @@ def new_database(server_url: str) -> Iterator[Callable[[], pg8000.native.Connect
     opened: list[pg8000.native.Connection] = []
 
     def _connect() -> pg8000.native.Connection:
-        conn = connection.connect(replace(admin_settings, database=name))
+        conn = connection.connect(admin_settings.replace(database=name))
         opened.append(conn)
         return conn
 

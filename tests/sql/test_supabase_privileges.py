@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -89,7 +88,7 @@ def supabase(server_url: str) -> Iterator[dict[str, Any]]:
     name = f"queue_worker_supabase_{uuid.uuid4().hex[:12]}"
     admin = connection.connect(admin_settings)
     admin.run(f'CREATE DATABASE "{name}"')
-    settings = replace(admin_settings, database=name)
+    settings = admin_settings.replace(database=name)
     owner = connection.connect(settings)
     owner.execute_simple(SUPABASE_ROLES)
     owner.execute_simple(SUPABASE_DEFAULT_PRIVILEGES)
@@ -348,7 +347,7 @@ def login(supabase: dict[str, Any]) -> Iterator[Callable[[str], pg8000.native.Co
     opened: list[pg8000.native.Connection] = []
 
     def _login(role: str) -> pg8000.native.Connection:
-        conn = connection.connect(replace(supabase["settings"], user=role, password=None))
+        conn = connection.connect(supabase["settings"].replace(user=role, password=None))
         opened.append(conn)
         return conn
 

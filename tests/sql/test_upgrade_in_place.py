@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any
 
 import pg8000.native
@@ -66,7 +65,7 @@ def old_database(server_url: str) -> Iterator[pg8000.native.Connection]:
     name = f"queue_worker_upgrade_{uuid.uuid4().hex[:12]}"
     admin = connection.connect(admin_settings)
     admin.run(f'CREATE DATABASE "{name}"')
-    conn = connection.connect(replace(admin_settings, database=name))
+    conn = connection.connect(admin_settings.replace(database=name))
     try:
         conn.execute_simple(SUPABASE_ROLES)
         conn.execute_simple(SUPABASE_DEFAULT_PRIVILEGES)

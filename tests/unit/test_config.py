@@ -349,6 +349,38 @@ def test_repr_of_settings_shows_neither_password_nor_service_key() -> None:
     assert PASSWORD not in str(result.database)
 
 
+def test_settings_logged_by_powertools_show_neither_password_nor_service_key(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A JSON encoder writes a tuple out field by field: the records that hold a secret are not
+    # tuples, so the logger falls back on their repr (docs/adr/0012-value-classes.md).
+    from aws_lambda_powertools import Logger
+
+    result = settings()
+    logger = Logger(service="test-secrets")
+    logger.info("settings", settings=result, database=result.database)
+
+    line = json.loads(capsys.readouterr().out)
+    assert line["settings"].startswith("Settings(")  # it was written, as its repr
+    assert PASSWORD not in json.dumps(line)
+    assert SERVICE_KEY not in json.dumps(line)
+
+
+def test_settings_are_read_only_and_copied_with_replace() -> None:
+    result = settings()
+    assert result.database is not None
+
+    with pytest.raises(AttributeError, match="read-only"):
+        result.max_concurrency = 1  # type: ignore[misc]
+    copy = result.database.replace(database="other")
+
+    assert (copy.database, copy.password) == ("other", PASSWORD)
+    assert result.database.database == "queue"
+    assert copy != result.database
+    assert copy.replace(database="queue") == result.database
+    assert copy.replace(database="queue", source="elsewhere") == result.database  # not compared
+
+
 @pytest.mark.parametrize(
     "changes",
     [

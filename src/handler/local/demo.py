@@ -18,7 +18,7 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -107,7 +107,7 @@ def run_demo(
                     }
                 ),
             }
-            settings = replace(parse_settings(env), database=where.settings)
+            settings = parse_settings(env).replace(database=where.settings)
             store = QueueStore(connection.connect(where.settings))
             cleanup.callback(store.conn.close)
             expected = _seed(store, tenants)
@@ -193,7 +193,7 @@ def _server_database(
         admin.close()
     if not keep:
         cleanup.callback(_drop_database, server, name)
-    settings = replace(server, database=name)
+    settings = server.replace(database=name)
     conn = connection.connect(settings)
     try:
         migrations.migrate(conn)

@@ -26,7 +26,6 @@ import ssl
 import struct
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -40,6 +39,7 @@ from handler.errors import (
     DatabaseConfigurationError,
     DatabaseUnavailableError,
 )
+from handler.frozen import Frozen
 
 _Kind = Literal["configuration", "unreachable"]
 
@@ -114,30 +114,84 @@ _MISPLACED = (
 )
 
 
-@dataclass(frozen=True)
-class ConnectionSettings:
-    """Where and how to connect. Built from a URL or an RDS secret, never logged whole."""
+class ConnectionSettings(Frozen):
+    """Where and how to connect. Built from a URL or an RDS secret, never logged whole: `repr`
+    leaves the password out."""
 
-    host: str | None = None  # a host name, or None with unix_socket set
-    port: int = 5432
-    database: str = "postgres"
-    user: str = "postgres"
-    password: str | None = field(default=None, repr=False)
-    unix_socket: str | None = None  # the socket file's full path
-    sslmode: str = "prefer"
+    __slots__ = (
+        "application_name",
+        "connect_timeout",
+        "database",
+        "host",
+        "keepalives",
+        "keepalives_count",
+        "keepalives_idle",
+        "keepalives_interval",
+        "options",
+        "password",
+        "port",
+        "source",
+        "sslmode",
+        "sslrootcert",
+        "tcp_user_timeout",
+        "unix_socket",
+        "user",
+    )
+    _hidden = frozenset({"password"})
+
+    host: str | None  # a host name, or None with unix_socket set
+    port: int
+    database: str
+    user: str
+    password: str | None
+    unix_socket: str | None  # the socket file's full path
+    sslmode: str
     # The CA file the server's certificate is verified against, SYSTEM_ROOTS, or None (no
     # verification, which only the modes below verify-ca accept).
-    sslrootcert: str | None = None
-    connect_timeout: float | None = CONNECT_TIMEOUT_S  # None: no limit (libpq's 0)
-    application_name: str = "queue-worker"
-    options: str | None = None  # libpq's `options`: command-line options for the server
-    keepalives: bool = True
-    keepalives_idle: int = KEEPALIVES_IDLE_S  # seconds; 0: the system's default
-    keepalives_interval: int = KEEPALIVES_INTERVAL_S  # seconds; 0: the system's default
-    keepalives_count: int = KEEPALIVES_COUNT  # 0: the system's default
-    tcp_user_timeout: int = TCP_USER_TIMEOUT_MS  # milliseconds; 0: the system's default
-    # The variable these settings came from, named in errors (not part of equality).
-    source: str = field(default="DATABASE_URL", compare=False)
+    sslrootcert: str | None
+    connect_timeout: float | None  # None: no limit (libpq's 0)
+    application_name: str
+    options: str | None  # libpq's `options`: command-line options for the server
+    keepalives: bool
+    keepalives_idle: int  # seconds; 0: the system's default
+    keepalives_interval: int  # seconds; 0: the system's default
+    keepalives_count: int  # 0: the system's default
+    tcp_user_timeout: int  # milliseconds; 0: the system's default
+    source: str  # the variable these settings came from, named in errors (not in equality)
+
+    def __init__(
+        self,
+        *,
+        host: str | None = None,
+        port: int = 5432,
+        database: str = "postgres",
+        user: str = "postgres",
+        password: str | None = None,
+        unix_socket: str | None = None,
+        sslmode: str = "prefer",
+        sslrootcert: str | None = None,
+        connect_timeout: float | None = CONNECT_TIMEOUT_S,
+        application_name: str = "queue-worker",
+        options: str | None = None,
+        keepalives: bool = True,
+        keepalives_idle: int = KEEPALIVES_IDLE_S,
+        keepalives_interval: int = KEEPALIVES_INTERVAL_S,
+        keepalives_count: int = KEEPALIVES_COUNT,
+        tcp_user_timeout: int = TCP_USER_TIMEOUT_MS,
+        source: str = "DATABASE_URL",
+    ) -> None:
+        self._fill(locals())
+
+    def _compared(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__ if name != "source")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ConnectionSettings):
+            return NotImplemented
+        return self._compared() == other._compared()
+
+    def __hash__(self) -> int:
+        return hash(self._compared())
 
     def describe(self) -> str:
         """Where this connects, without credentials: safe for logs and errors."""

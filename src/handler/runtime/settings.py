@@ -10,13 +10,13 @@ import json
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
 from handler.dispatch.routes import Route, parse_routes
 from handler.errors import ConfigurationError
+from handler.frozen import Frozen
 from handler.queue.connection import (
     ConnectionSettings,
     check_root_certificate,
@@ -35,40 +35,98 @@ N = TypeVar("N", int, float)
 # How long a fetched secret is trusted before it is fetched again (rotation picks up within this).
 SECRET_MAX_AGE_SECONDS = 300
 
+_WEEK = timedelta(days=7)
+_MONTH = timedelta(days=30)
 
-# eq=False: nothing compares two settings, and equality is the largest method a dataclass
-# compiles at import (docs/adr/0012-value-classes.md).
-@dataclass(frozen=True, eq=False)
-class Settings:
+
+# A plain read-only class, not a dataclass: that would compile its methods at every cold start
+# (docs/adr/0012-value-classes.md). Two settings are equal only when they are the same object.
+class Settings(Frozen):
+    __slots__ = (
+        "completed_retention",
+        "database",
+        "database_pool_mode",
+        "database_secret_arn",
+        "database_sslrootcert",
+        "dead_letter_retention",
+        "fan_out_max",
+        "functions_base_url",
+        "http_timeout_seconds",
+        "idempotency_store",
+        "idempotency_table",
+        "job_lease_seconds",
+        "linger",
+        "max_concurrency",
+        "max_jobs_per_invocation",
+        "max_jobs_per_run",
+        "max_jobs_per_tenant",
+        "reserved_concurrency",
+        "routes",
+        "run_mode",
+        "service_role_key",
+        "service_role_key_secret_arn",
+    )
+    _hidden = frozenset({"database", "service_role_key"})
+
     functions_base_url: str
     # Exactly one of each pair is set; the secrets never appear in repr().
-    database: ConnectionSettings | None = field(default=None, repr=False)
-    database_secret_arn: str | None = None
+    database: ConnectionSettings | None
+    database_secret_arn: str | None
     # DATABASE_SSLROOTCERT: the CA file (or "system") the database's certificate is verified
     # against, for the secret, and for DATABASE_URL when it names no sslrootcert of its own.
-    database_sslrootcert: str | None = None
-    service_role_key: str | None = field(default=None, repr=False)
-    service_role_key_secret_arn: str | None = None
-    max_jobs_per_tenant: int = 10
-    max_jobs_per_run: int = 1000
-    max_concurrency: int = 50
-    http_timeout_seconds: float = 30.0
-    job_lease_seconds: int | None = None  # None: the invocation's remaining time plus a margin
-    routes: Mapping[str, Route] = field(default_factory=lambda: parse_routes(None))
-    idempotency_store: IdempotencyStoreKind = "postgres"
-    idempotency_table: str | None = None
-    fan_out_max: int = 0  # asynchronous copies a scheduled run may start for a large backlog
-    reserved_concurrency: int | None = None  # the function's reserved concurrency, if any
-    completed_retention: timedelta = timedelta(days=7)
-    dead_letter_retention: timedelta = timedelta(days=30)
+    database_sslrootcert: str | None
+    service_role_key: str | None
+    service_role_key_secret_arn: str | None
+    max_jobs_per_tenant: int
+    max_jobs_per_run: int
+    max_concurrency: int
+    http_timeout_seconds: float
+    job_lease_seconds: int | None  # None: the invocation's remaining time plus a margin
+    routes: Mapping[str, Route]
+    idempotency_store: IdempotencyStoreKind
+    idempotency_table: str | None
+    fan_out_max: int  # asynchronous copies a scheduled run may start for a large backlog
+    reserved_concurrency: int | None  # the function's reserved concurrency, if any
+    completed_retention: timedelta
+    dead_letter_retention: timedelta
     # batch: one claim per invocation; rounds: claim again as lanes free up, until the budget
     # or max_jobs_per_invocation, and (linger) wait for new work when nothing is due.
-    run_mode: RunMode = "batch"
-    linger: bool = True
-    max_jobs_per_invocation: int = 100_000
+    run_mode: RunMode
+    linger: bool
+    max_jobs_per_invocation: int
     # transaction: the connection is a transaction pooler's (Supabase's port 6543), which
     # delivers no notifications: a lingering invocation polls.
-    database_pool_mode: PoolMode = "session"
+    database_pool_mode: PoolMode
+
+    def __init__(
+        self,
+        *,
+        functions_base_url: str,
+        database: ConnectionSettings | None = None,
+        database_secret_arn: str | None = None,
+        database_sslrootcert: str | None = None,
+        service_role_key: str | None = None,
+        service_role_key_secret_arn: str | None = None,
+        max_jobs_per_tenant: int = 10,
+        max_jobs_per_run: int = 1000,
+        max_concurrency: int = 50,
+        http_timeout_seconds: float = 30.0,
+        job_lease_seconds: int | None = None,
+        routes: Mapping[str, Route] | None = None,  # None: the default routes
+        idempotency_store: IdempotencyStoreKind = "postgres",
+        idempotency_table: str | None = None,
+        fan_out_max: int = 0,
+        reserved_concurrency: int | None = None,
+        completed_retention: timedelta = _WEEK,
+        dead_letter_retention: timedelta = _MONTH,
+        run_mode: RunMode = "batch",
+        linger: bool = True,
+        max_jobs_per_invocation: int = 100_000,
+        database_pool_mode: PoolMode = "session",
+    ) -> None:
+        self._fill(locals())
+        if routes is None:  # the defaults, made per Settings: nothing shares a mutable one
+            object.__setattr__(self, "routes", parse_routes(None))
 
     def database_settings(self) -> ConnectionSettings:
         return DatabaseConfig(
@@ -146,8 +204,8 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
         idempotency_table=table,
         fan_out_max=_int(get, "FAN_OUT_MAX", 0, low=0, high=1000),
         reserved_concurrency=_int(get, "RESERVED_CONCURRENCY", 0, low=0, high=100_000) or None,
-        completed_retention=_duration(get, "COMPLETED_RETENTION", timedelta(days=7)),
-        dead_letter_retention=_duration(get, "DEAD_LETTER_RETENTION", timedelta(days=30)),
+        completed_retention=_duration(get, "COMPLETED_RETENTION", _WEEK),
+        dead_letter_retention=_duration(get, "DEAD_LETTER_RETENTION", _MONTH),
         run_mode=run_mode,  # type: ignore[arg-type]  # one of the choices
         linger=_choice(get, "LINGER", ("true", "false"), "true") == "true",
         max_jobs_per_invocation=_int(
@@ -157,14 +215,24 @@ def parse_settings(env: Mapping[str, str]) -> Settings:
     )
 
 
-@dataclass(frozen=True, eq=False)  # as Settings
-class DatabaseConfig:
+class DatabaseConfig(Frozen):  # as Settings
     """Where the queue's database is: DATABASE_URL parsed, or DATABASE_SECRET_ARN, whose secret
     is read (through Powertools Parameters, cached) when the settings are asked for."""
 
-    url_settings: ConnectionSettings | None = field(default=None, repr=False)
-    secret_arn: str | None = None  # only when there is no DATABASE_URL
-    sslrootcert: str | None = None  # DATABASE_SSLROOTCERT, checked
+    __slots__ = ("secret_arn", "sslrootcert", "url_settings")
+    _hidden = frozenset({"url_settings"})
+
+    url_settings: ConnectionSettings | None
+    secret_arn: str | None  # only when there is no DATABASE_URL
+    sslrootcert: str | None  # DATABASE_SSLROOTCERT, checked
+
+    def __init__(
+        self,
+        url_settings: ConnectionSettings | None = None,
+        secret_arn: str | None = None,
+        sslrootcert: str | None = None,
+    ) -> None:
+        self._fill(locals())
 
     def connection_settings(self) -> ConnectionSettings:
         if self.url_settings is not None:

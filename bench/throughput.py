@@ -1191,9 +1191,11 @@ def statement_section(statement_runs: list[dict[str, Any]]) -> list[str]:
         "## SQL statements per batch (ours)",
         "",
         "Every statement any connection of the worker's process sent during one batch, by what "
-        "sent it (pg8000 `Connection.run` counted), at 0 ms per request. The settle is buffered "
-        "and written every 5 s while a batch runs, and once at its end: a batch that takes "
-        "longer than 5 s sends one more settle per 5 s.",
+        "sent it (pg8000 `Connection.run` counted), at 0 ms per request. A batch of more than "
+        "two jobs a lane is claimed in two statements, the first of two jobs a lane. The settle "
+        "is buffered and written every 5 s while a batch runs, once when its last jobs are in "
+        "flight (a batch of more jobs than lanes), and once at its end: a batch that takes "
+        "longer than 5 s sends one more settle per 5 s (docs/adr/0009-statements-per-batch.md).",
         "",
         "| jobs | idempotency store | s to last settle | claim | settle | claim + settle "
         "| backlog | schedules | maintenance | other | idempotency store (per job) | all |",

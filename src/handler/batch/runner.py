@@ -8,7 +8,10 @@ queue's database, so one connection serves the whole invocation.
 
 Two modes (docs/architecture.md):
 - batch (the default): one claim, its jobs dispatched, settled every few seconds and at the end:
-  one claim and one settle statement for a batch that ends within SETTLE_INTERVAL_SECONDS.
+  one claim and one settle statement for a batch that ends within SETTLE_INTERVAL_SECONDS. A
+  batch of more than two jobs per lane is claimed in two statements, the first small, so that
+  calls start sooner, and settles once more when its last jobs are in the lanes, so that the
+  settle at its end holds only theirs (docs/adr/0009-statements-per-batch.md).
 - rounds: as lanes free up the thread claims the next round (each round keyed by the worker and
   its number, each within MAX_JOBS_PER_TENANT and the fair shares), settles every
   ROUND_SETTLE_SECONDS so that a released dependent is claimed in the same invocation, until the
@@ -42,6 +45,10 @@ if TYPE_CHECKING:
 
 # A single batch settles this often while it runs (and at its end).
 SETTLE_INTERVAL_SECONDS = 5.0
+# A single batch larger than this many jobs per lane is claimed in two statements: first this
+# many per lane (at half of each tenant's share), so that calls start while the rest (the other
+# half) is claimed, instead of after a claim of the whole batch (bench/results/throughput.md).
+FIRST_CLAIM_JOBS_PER_LANE = 2
 # Rounds settle this often: soon enough for a chain's next link, few enough statements.
 ROUND_SETTLE_SECONDS = 0.05
 # Rounds keep up to this many jobs per lane claimed (in flight, or queued for the next free lane),
@@ -159,8 +166,12 @@ class _Run:
         self.circuits: list[tuple[str, int, str]] = []  # (function, status, error)
         self.waiting: defaultdict[str, deque[ClaimedJob]] = defaultdict(deque)
         self.lock = threading.Lock()
+        self.second_claim_per_tenant = 0  # a single batch's second claim, when it makes one
         self._handed_out = 0
         self._settled = 0
+        # A single batch's thread is woken when its jobs in flight fall to this (its last ones
+        # are in the lanes), to settle what is done so far.
+        self.settle_early_at = 0 if limits.rounds else limits.max_concurrency
         self._generation = 0  # counts changes, so that a wait never misses one just before
         self._changed = threading.Condition()
 
@@ -178,11 +189,13 @@ class _Run:
 
     def settle(self, settlement: Settlement) -> None:
         """A lane's outcome. The invocation's thread is woken for it in rounds (a free lane is a
-        reason to claim); a single batch wakes it only when its last job is done."""
+        reason to claim); a single batch wakes it when its last jobs are in flight and when its
+        last job is done."""
         self.buffer.add(settlement)
         with self._changed:
             self._settled += 1
-            if self.limits.rounds or self._settled >= self._handed_out:
+            outstanding = self._handed_out - self._settled
+            if self.limits.rounds or outstanding in (0, self.settle_early_at):
                 self._generation += 1
                 self._changed.notify_all()
 
@@ -253,38 +266,51 @@ class BatchRunner:
         last_flush = last_states = time.monotonic()
         last_empty_claim = -1e9
         claim_wanted = True
+        settled_early = False
         while True:
             seen = run.generation
             now = time.monotonic()
             outstanding = run.outstanding
-            # 1. Settle what is due (all of it once nothing is in flight).
-            if run.buffer.buffered and (now - last_flush >= interval or outstanding == 0):
+            batch_claim = None if limits.rounds else self._next_batch_claim(run)
+            # 1. Settle what is due (all of it once nothing is in flight; a single batch's also
+            # once its claims are made and its last jobs are in flight).
+            early = (
+                not settled_early
+                and batch_claim is None
+                and not limits.rounds
+                and run.summary.claimed > run.settle_early_at >= outstanding
+            )
+            if run.buffer.buffered and (now - last_flush >= interval or outstanding == 0 or early):
                 recorded = run.buffer.flush()
                 last_flush = now
+                settled_early = settled_early or early
                 if recorded.get("completed"):
                     claim_wanted = True  # a completed job may have released its dependents
                 continue
             if limits.rounds and now - last_states >= FUNCTION_STATES_SECONDS:
                 self._save_function_states(run)
                 last_states = now
-            # 2. Claim: once in a single batch; in rounds, when lanes are free and there may be
-            # something to claim (the last claim found jobs, a settle completed some, or a while
-            # has passed since a claim found nothing).
+            # 2. Claim: a single batch's one or two claims; in rounds, when lanes are free and
+            # there may be something to claim (the last claim found jobs, a settle completed
+            # some, or a while has passed since a claim found nothing).
             can_start = run.budget.call_timeout(limits.http_timeout) is not None
-            held = limits.max_concurrency * (ROUND_JOBS_PER_LANE if limits.rounds else 1)
-            free = held - outstanding
             taken = run.summary.claimed
+            if batch_claim is not None and can_start and not run.lanes_failed:
+                self._claim(run, *batch_claim)
+                continue
+            held = limits.max_concurrency * ROUND_JOBS_PER_LANE
+            free = held - outstanding
             if (
-                can_start
+                limits.rounds
+                and can_start
                 and not run.lanes_failed
-                and (run.summary.rounds == 0 or limits.rounds)
                 and taken < limits.max_total
                 and free > 0
                 and (claim_wanted or now - last_empty_claim >= EMPTY_CLAIM_RETRY_SECONDS)
                 and (free >= held * ROUND_CLAIM_SHARE or outstanding == 0)
             ):
-                size = free if limits.rounds else limits.max_jobs
-                got = self._claim(run, min(size, limits.max_jobs, limits.max_total - taken))
+                size = min(free, limits.max_jobs, limits.max_total - taken)
+                got = len(self._claim(run, size, limits.max_per_tenant))
                 claim_wanted = got > 0
                 if not got:
                     last_empty_claim = now
@@ -321,13 +347,32 @@ class BatchRunner:
                 room[function] = max(0, int(limit.limit) * WAITING_PER_SLOT - busy)
         return room
 
-    def _claim(self, run: _Run, size: int) -> int:
+    def _next_batch_claim(self, run: _Run) -> tuple[int, int] | None:
+        """(jobs, per tenant) for a single batch's next claim; None once it has made them.
+
+        A batch of more than FIRST_CLAIM_JOBS_PER_LANE jobs a lane is claimed in two, so that
+        calls start before the whole batch is claimed. The first takes that many jobs, each
+        tenant at most the same share of its MAX_JOBS_PER_TENANT (rounded up); the second the
+        rest of the batch, each tenant at most MAX_JOBS_PER_TENANT less the most any tenant got
+        in the first. Whatever the tenants' weights, none gets more in the two than one claim
+        of the whole batch would have given it; one may get fewer, left to the next claim."""
+        limits = run.limits
+        first = FIRST_CLAIM_JOBS_PER_LANE * limits.max_concurrency
+        if run.summary.rounds == 0:
+            if limits.max_jobs <= first or limits.max_per_tenant < 2:
+                return limits.max_jobs, limits.max_per_tenant
+            return first, -(-limits.max_per_tenant * first // limits.max_jobs)
+        if run.summary.rounds == 1 and run.second_claim_per_tenant > 0:
+            return limits.max_jobs - run.summary.claimed, run.second_claim_per_tenant
+        return None
+
+    def _claim(self, run: _Run, size: int, per_tenant: int) -> list[ClaimedJob]:
         limits = run.limits
         jobs = self._store.claim(
             run.worker_id,
             lease_seconds=run.budget.lease_seconds(limits.lease_seconds),
             max_jobs=max(1, size),
-            max_per_tenant=limits.max_per_tenant,
+            max_per_tenant=per_tenant,
             tenant_id=limits.tenant_id,
             shard=limits.shard,
             shards=limits.shards,
@@ -335,14 +380,24 @@ class BatchRunner:
             defer_exhausted=limits.defer_exhausted,
             room=self._room(run) if limits.rounds else None,
         )
+        if run.summary.rounds == 0 and per_tenant < limits.max_per_tenant:
+            # The first of two: the second may find more if this one was full or a tenant took
+            # its share. Rescued jobs count for no tenant's share, in a claim as here.
+            fresh = Counter(job.tenant_id for job in jobs if not (job.rescued or job.exhausted))
+            most = max(fresh.values(), default=0)
+            if len(jobs) >= size or most >= per_tenant:
+                run.second_claim_per_tenant = limits.max_per_tenant - most
         run.summary.rounds += 1
         run.summary.claimed += len(jobs)
         run.summary.rescued += sum(job.rescued for job in jobs)
+        # The lanes first, then their jobs: a thread started while other lanes are busy waits
+        # for the interpreter's lock at each step, and this thread (which has a second claim to
+        # send) with it; a first batch in a container would lose a tenth of a second so.
+        self._start_lanes(run)
         for job in jobs:
             run.handed_out()
             run.work.put(job)
-        self._start_lanes(run)
-        return len(jobs)
+        return jobs
 
     def _start_lanes(self, run: _Run) -> None:
         """Lanes start with the first jobs and live for the invocation; never more than

@@ -89,7 +89,7 @@ class Settings(Frozen):
     reserved_concurrency: int | None  # the function's reserved concurrency, if any
     completed_retention: timedelta
     dead_letter_retention: timedelta
-    # batch: one claim per invocation; rounds: claim again as lanes free up, until the budget
+    # batch: one batch per invocation; rounds: claim again as lanes free up, until the budget
     # or max_jobs_per_invocation, and (linger) wait for new work when nothing is due.
     run_mode: RunMode
     linger: bool

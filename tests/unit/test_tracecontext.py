@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from handler.dispatch import tracecontext
 from handler.dispatch.tracecontext import (
     TraceContext,
     TraceRoot,
@@ -122,3 +123,14 @@ def test_a_subsegment_the_sdk_does_not_record_gets_a_real_span_id_and_sampled_0(
     assert match["flags"] == "00"
     xray = dict(context.headers())[b"X-Amzn-Trace-Id"].decode()
     assert xray == f"Root={XRAY_ROOT};Parent={match['span']};Sampled=0"
+
+
+def test_a_span_id_is_sixteen_hex_digits_and_never_all_zero(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ids = {tracecontext.new_span_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(re.fullmatch(r"[0-9a-f]{16}", span) for span in ids)
+
+    monkeypatch.setattr(tracecontext.random, "getrandbits", lambda bits: 0)
+    assert tracecontext.new_span_id() == "0000000000000001"

@@ -123,16 +123,20 @@ def test_a_small_batch_and_a_tenant_share_of_one_are_claimed_in_one_statement(
     tenant = str(uuid.uuid4())
     enqueue_many(conn, tenant, "ingest_slack", 12)
 
-    # When a batch of at most two jobs a lane runs, and one whose tenants take one job each
+    # When a batch of at most two jobs a lane runs, one whose tenants take one job each, and
+    # one whose first claim would take a tenant's whole share (2 of 2: 2 * 4 / 6 rounded up)
     make_worker(max_concurrency="4", max_jobs_per_run="8").run(
         parse_event({}), remaining_seconds=60, request_id="small"
     )
     make_worker(max_concurrency="2", max_jobs_per_tenant="1", max_jobs_per_run="40").run(
         parse_event({}), remaining_seconds=60, request_id="share-of-one"
     )
+    make_worker(max_concurrency="2", max_jobs_per_tenant="2", max_jobs_per_run="6").run(
+        parse_event({}), remaining_seconds=60, request_id="whole-share"
+    )
 
     # Then each made one claim, of the whole batch
-    assert [(size, share) for size, share, _ in claims.claims] == [(8, 1000), (40, 1)]
+    assert [(size, share) for size, share, _ in claims.claims] == [(8, 1000), (40, 1), (6, 2)]
 
 
 class SettleWatch:

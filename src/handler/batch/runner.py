@@ -46,8 +46,8 @@ if TYPE_CHECKING:
 # A single batch settles this often while it runs (and at its end).
 SETTLE_INTERVAL_SECONDS = 5.0
 # A single batch larger than this many jobs per lane is claimed in two statements: first this
-# many per lane (at half of each tenant's share), so that calls start while the rest (the other
-# half) is claimed, instead of after a claim of the whole batch (bench/results/throughput.md).
+# many per lane (each tenant the same fraction of its share), so that calls start while the rest
+# is claimed, instead of after a claim of the whole batch (docs/adr/0009-statements-per-batch.md).
 FIRST_CLAIM_JOBS_PER_LANE = 2
 # Rounds settle this often: soon enough for a chain's next link, few enough statements.
 ROUND_SETTLE_SECONDS = 0.05
@@ -359,9 +359,10 @@ class BatchRunner:
         limits = run.limits
         first = FIRST_CLAIM_JOBS_PER_LANE * limits.max_concurrency
         if run.summary.rounds == 0:
-            if limits.max_jobs <= first or limits.max_per_tenant < 2:
-                return limits.max_jobs, limits.max_per_tenant
-            return first, -(-limits.max_per_tenant * first // limits.max_jobs)
+            share = -(-limits.max_per_tenant * first // limits.max_jobs)  # rounded up
+            if limits.max_jobs <= first or share >= limits.max_per_tenant:
+                return limits.max_jobs, limits.max_per_tenant  # one claim of the whole batch
+            return first, share
         if run.summary.rounds == 1 and run.second_claim_per_tenant > 0:
             return limits.max_jobs - run.summary.claimed, run.second_claim_per_tenant
         return None

@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,13 @@ def standin_server() -> Iterator[StandIn]:
 def standin(standin_server: StandIn) -> StandIn:
     standin_server.reset()
     return standin_server
+
+
+@pytest.fixture
+def pool() -> Iterator[ThreadPoolExecutor]:
+    """Threads to run invocations on while the test watches them."""
+    with ThreadPoolExecutor(max_workers=4) as executor:
+        yield executor
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -155,12 +155,6 @@ class SettleWatch:
             return result
 
         monkeypatch.setattr(QueueStore, "settle", settle)
-
-
-@pytest.fixture
-def pool() -> Iterator[ThreadPoolExecutor]:
-    with ThreadPoolExecutor(max_workers=1) as executor:
-        yield executor
 
 
 def test_what_is_done_when_the_last_jobs_are_in_flight_is_settled_before_they_answer(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
@@ -25,12 +25,6 @@ from handler.runtime.worker import Backlog, Worker
 from tests.faults.accounting import account, enqueue_many, sent
 
 SCHEDULED = {"scheduled_time": "2026-12-01T12:00:00Z"}
-
-
-@pytest.fixture
-def pool() -> Iterator[ThreadPoolExecutor]:
-    with ThreadPoolExecutor(max_workers=4) as executor:
-        yield executor
 
 
 class LingerWatch:

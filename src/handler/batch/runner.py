@@ -296,7 +296,9 @@ class BatchRunner:
             can_start = run.budget.call_timeout(limits.http_timeout) is not None
             taken = run.summary.claimed
             if batch_claim is not None and can_start and not run.lanes_failed:
-                self._claim(run, *batch_claim)
+                jobs = self._claim(run, *batch_claim)
+                if run.summary.rounds == 1:
+                    run.second_claim_per_tenant = _second_claim_share(limits, *batch_claim, jobs)
                 continue
             held = limits.max_concurrency * ROUND_JOBS_PER_LANE
             free = held - outstanding
@@ -381,13 +383,6 @@ class BatchRunner:
             defer_exhausted=limits.defer_exhausted,
             room=self._room(run) if limits.rounds else None,
         )
-        if run.summary.rounds == 0 and per_tenant < limits.max_per_tenant:
-            # The first of two: the second may find more if this one was full or a tenant took
-            # its share. Rescued jobs count for no tenant's share, in a claim as here.
-            fresh = Counter(job.tenant_id for job in jobs if not (job.rescued or job.exhausted))
-            most = max(fresh.values(), default=0)
-            if len(jobs) >= size or most >= per_tenant:
-                run.second_claim_per_tenant = limits.max_per_tenant - most
         run.summary.rounds += 1
         run.summary.claimed += len(jobs)
         run.summary.rescued += sum(job.rescued for job in jobs)
@@ -595,6 +590,20 @@ class BatchRunner:
         return Settlement(
             job.id, job.attempt, outcome.kind, outcome.error, outcome.status, outcome.retry_at
         )
+
+
+def _second_claim_share(limits: BatchLimits, size: int, share: int, first: list[ClaimedJob]) -> int:
+    """A single batch's second claim's share of each tenant, from what its first claim (of
+    `size` jobs at `share` a tenant) took; 0 (no second claim) when the first was the whole
+    batch, or the second could find no more (the first not full, no tenant at its share).
+    Rescued jobs count for no tenant's share, in a claim as here."""
+    if share >= limits.max_per_tenant:
+        return 0
+    fresh = Counter(job.tenant_id for job in first if not (job.rescued or job.exhausted))
+    most = max(fresh.values(), default=0)
+    if len(first) < size and most < share:
+        return 0
+    return max(0, limits.max_per_tenant - most)
 
 
 def _trace_root() -> TraceRoot:

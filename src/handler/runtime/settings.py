@@ -124,9 +124,9 @@ class Settings(Frozen):
         max_jobs_per_invocation: int = 100_000,
         database_pool_mode: PoolMode = "session",
     ) -> None:
-        self._fill(locals())
         if routes is None:  # the defaults, made per Settings: nothing shares a mutable one
-            object.__setattr__(self, "routes", parse_routes(None))
+            routes = parse_routes(None)
+        self._fill(locals())
 
     def database_settings(self) -> ConnectionSettings:
         return DatabaseConfig(

@@ -94,18 +94,12 @@ def claimed_job(n: int) -> Any:
     from handler.queue.store import ClaimedJob
 
     body, _ = job(n)
-    now = dt.datetime.now(dt.UTC)
     return ClaimedJob(
         id=uuid.UUID(body["job_id"]),
         tenant_id=uuid.UUID(int=42),
         job_type=body["job_type"],
         payload_json=json.dumps(body["payload"]),
-        priority=0,
         attempt=1,
-        max_attempts=5,
-        scheduled_at=now,
-        locked_until=now,
-        created_at=now,
         rescued=False,
     )
 

@@ -10,7 +10,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
 
 import pytest
 import trustme
@@ -23,10 +22,7 @@ from tests.http_servers import Answer, ForwardProxy, ScriptedServer
 
 
 def a_job() -> ClaimedJob:
-    now = datetime.now(UTC)
-    return ClaimedJob(
-        uuid.uuid4(), uuid.uuid4(), "ingest_slack", "{}", 0, 1, 5, now, now, now, False
-    )
+    return ClaimedJob(uuid.uuid4(), uuid.uuid4(), "ingest_slack", "{}", 1, False)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

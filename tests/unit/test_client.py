@@ -12,7 +12,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import NamedTuple
 
 import httpx
@@ -32,10 +31,7 @@ TRICKLE = 1000
 
 
 def a_job(payload: str = "{}") -> ClaimedJob:
-    now = datetime.now(UTC)
-    return ClaimedJob(
-        uuid.uuid4(), uuid.uuid4(), "ingest_slack", payload, 0, 1, 5, now, now, now, False
-    )
+    return ClaimedJob(uuid.uuid4(), uuid.uuid4(), "ingest_slack", payload, 1, False)
 
 
 class Authority(NamedTuple):

@@ -74,7 +74,12 @@ CONTENDERS = {
     "procrastinate": "procrastinate (aiohttp)",
     "pgqueuer-httpx": "PgQueuer (httpx 0.28)",
     "procrastinate-httpx": "procrastinate (httpx 0.28)",
+    "floor": "httpx alone, no queue (the floor)",
 }
+# Not a queue: 50 threads POSTing the same requests as ours through httpx.HTTPTransport, one
+# connection each, with no database at all. What any worker sending through httpx from 50
+# threads could reach on this machine; ours is shown as a share of it.
+FLOOR = "floor"
 PEERS = ("pgqueuer", "procrastinate")
 # The comparison the targets are about: the peers POSTing through the same package as ours
 # (httpx 0.28, the client the issue's figures for the peers were taken with). The aiohttp rows
@@ -295,6 +300,81 @@ def run_ours(url: str, functions: str, jobs: int, store: str) -> dict[str, Any]:
     result = clock.result(summary=summary.as_dict())
     worker.close()
     return result
+
+
+# -- the floor: httpx alone --------------------------------------------------------------------
+
+
+def run_floor(functions: str, jobs: int) -> dict[str, Any]:
+    """The jobs' requests (built before the clock starts, as ours has them in the database)
+    POSTed from CONCURRENCY threads, each through an httpx.HTTPTransport of its own (one
+    connection), with the headers ours sends (Host, Content-Length, Authorization,
+    Content-Type, Idempotency-Key, User-Agent, traceparent) and its answer read whole. The
+    threads are started after the clock, as ours starts its lanes."""
+    import queue
+    import random
+    import ssl
+    import threading
+    import uuid
+
+    import httpx
+
+    requests: queue.SimpleQueue[tuple[httpx.URL, bytes, bytes] | None] = queue.SimpleQueue()
+    urls = {t: httpx.URL(f"{functions}/{benchlib.ROUTES[t]}") for t in benchlib.JOB_TYPES}
+    for i in range(jobs):
+        job_id = str(uuid.uuid4())
+        job_type = benchlib.JOB_TYPES[(i // 10) % 5]
+        tenant = f"00000000-0000-4000-8000-{i % 10:012d}"
+        body = body_bytes(job_id, tenant, job_type, 1, {"seq": i})
+        requests.put((urls[job_type], body, job_id.encode()))
+    authorization = f"Bearer {benchlib.SERVICE_ROLE_KEY}".encode()
+    trace_id = f"{random.getrandbits(128):032x}"
+    timeouts = dict.fromkeys(("connect", "read", "write", "pool"), HTTP_TIMEOUT_S)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # plain HTTP: never used
+    clock = Clock()
+    failures: list[str] = []
+
+    def lane() -> None:
+        transport = httpx.HTTPTransport(
+            verify=context, limits=httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        )
+        with transport:
+            while (item := requests.get()) is not None:
+                url, body, job_id = item
+                span = f"{random.getrandbits(64) or 1:016x}"
+                request = httpx.Request(
+                    "POST",
+                    url,
+                    stream=httpx.ByteStream(body),
+                    headers=[
+                        (b"Host", url.netloc),
+                        (b"Content-Length", b"%d" % len(body)),
+                        (b"Authorization", authorization),
+                        (b"Content-Type", b"application/json"),
+                        (b"Idempotency-Key", job_id),
+                        (b"User-Agent", b"queue-worker"),
+                        (b"traceparent", f"00-{trace_id}-{span}-00".encode()),
+                    ],
+                    extensions={"timeout": timeouts},
+                )
+                response = transport.handle_request(request)
+                try:
+                    for _ in response.iter_raw():
+                        pass
+                finally:
+                    response.close()
+                if response.status_code != 200:
+                    failures.append(f"HTTP {response.status_code}")
+
+    clock.begin()
+    threads = [threading.Thread(target=lane) for _ in range(CONCURRENCY)]
+    for thread in threads:
+        thread.start()
+        requests.put(None)
+    for thread in threads:
+        thread.join()
+    clock.settled()  # the last answer read: where ours would settle
+    return clock.result(failures=failures[:5])
 
 
 # -- the seed's design ------------------------------------------------------------------------
@@ -553,6 +633,8 @@ def child(args: argparse.Namespace) -> None:
         result = run_ours(args.url, args.functions, args.jobs, "postgres")
     elif args.run == "seed":
         result = run_seed(args.url, args.functions)
+    elif args.run == FLOOR:
+        result = run_floor(args.functions, args.jobs)
     elif args.run.startswith("pgqueuer"):
         result = run_pgqueuer(args.url, args.functions, settings)
     else:
@@ -567,6 +649,8 @@ def child(args: argparse.Namespace) -> None:
 
 
 def install(contender: str, url: str) -> None:
+    if contender == FLOOR:
+        return
     if contender in (*OURS, "seed"):
         benchlib.install_queue_schema(url)
     elif contender.startswith("pgqueuer"):
@@ -596,6 +680,8 @@ async def _procrastinate_install(url: str) -> None:
 
 def prepare(contender: str, url: str, jobs: int) -> None:
     """Empties the contender's tables, enqueues the jobs in bulk, VACUUM ANALYZE, CHECKPOINT."""
+    if contender == FLOOR:
+        return
     conn = benchlib.connect(url, timeout=300)
     try:
         if contender in (*OURS, "seed"):
@@ -668,6 +754,8 @@ async def _no_op(*_: Any, **__: Any) -> None:
 
 def finished_in_database(contender: str, url: str) -> tuple[int, int]:
     """(jobs finished successfully, jobs not finished) as the contender's own tables say."""
+    if contender == FLOOR:
+        return 0, 0  # no tables: the stand-in's record is the check
     conn = benchlib.connect(url)
     try:
         if contender in (*OURS, "seed"):
@@ -744,7 +832,8 @@ def run_one(
         **check,
     )
     result["ok"] = (
-        done == jobs
+        (done == jobs or contender == FLOOR)
+        and not result.get("failures")
         and unfinished == 0
         and check["undelivered"] == 0
         and check["repeats"] == 0
@@ -757,7 +846,11 @@ def verdict(run: dict[str, Any], jobs: int) -> str:
     if "failed" in run:
         return f"failed: {run['failed']}"
     if run["ok"]:
-        return "all delivered once, all finished"
+        return (
+            "all delivered once"
+            if run["contender"] == FLOOR
+            else "all delivered once, all finished"
+        )
     problems = []
     if run["undelivered"]:
         problems.append(f"{run['undelivered']} never delivered")
@@ -1030,6 +1123,12 @@ def report(
         "`queue_functions` are emptied with the jobs).",
         "- the seed's design: `claim_next_job`, POST, `complete_job`, one job at a time, "
         "pg8000 and a synchronous `httpx.Client` (0.28).",
+        f"- httpx alone (the floor): not a queue. The same requests as ours (its seven "
+        f"headers, its body), built before the clock starts, POSTed from {CONCURRENCY} threads "
+        "started after it, each through an `httpx.HTTPTransport` of its own (one connection), "
+        "the answer read whole; no database. What a worker sending through httpx from "
+        f"{CONCURRENCY} threads could reach on this machine: the bound less the stand-in's own "
+        "time and the HTTP stack's CPU under one interpreter lock.",
         "- PgQueuer: `QueueManager` in drain mode, one entrypoint per job type. procrastinate: "
         "`run_worker_async(wait=False)`, one task per job type. Each peer runs twice, with "
         "each HTTP client it could POST with: `httpx.AsyncClient` 0.28 (the httpx package, as "
@@ -1159,6 +1258,12 @@ def target_lines(
             f"  - ours at {100 * ours / bound:.0f}% of the bound (target ≥ 85%: "
             f"{'met' if ours / bound >= BOUND_TARGET else 'NOT met'})"
         )
+        if good.get(FLOOR):
+            floor = statistics.median(rate(r, jobs) for r in good[FLOOR])
+            lines.append(
+                f"  - httpx alone (no queue) at {100 * floor / bound:.0f}% of the bound; ours "
+                f"at {100 * ours / floor:.0f}% of it"
+            )
     else:
         seed = good.get("seed")
         if seed:

@@ -24,11 +24,40 @@ def test_a_claim_leases_a_due_pending_job_to_the_worker(queue) -> None:
     job = claimed[0]
     assert (job.tenant_id, job.job_type) == (tenant, "ingest_slack")
     assert json.loads(job.payload_json) == {"channel": "c1"}
-    assert (job.priority, job.attempt, job.max_attempts, job.rescued) == (3, 1, 5, False)
-    assert job.locked_until == now + timedelta(seconds=120)
+    assert (job.attempt, job.rescued, job.exhausted) == (1, False, False)
     row = queue.job(job_id)
     assert (row["status"], row["attempts"], row["locked_by"]) == ("processing", 1, "worker-a")
     assert row["locked_until"] == now + timedelta(seconds=120)
+
+
+def test_claim_jobs_returns_each_job_with_its_lease(queue) -> None:
+    # Given a pending job (the worker reads only some of what claim_jobs returns: the rest is
+    # the SQL contract's, for other callers)
+    tenant = uuid.uuid4()
+    job_id = queue.enqueue(tenant, "ingest_slack", payload={"channel": "c1"}, priority=3)
+
+    # When claim_jobs is called directly with a lease of 120 s
+    with queue.transaction():
+        rows = queue.conn.run(
+            "SELECT id, tenant_id, job_type, payload, priority, attempts, max_attempts,"
+            " scheduled_at, locked_until, created_at, rescued, exhausted"
+            " FROM queue_worker.claim_jobs(p_worker_id => 'worker-a', p_lease_seconds => 120)"
+        )
+        now = queue.now()
+
+    # Then its row says all of it
+    [(got_id, got_tenant, job_type, payload, priority, attempts, max_attempts, *rest)] = rows
+    scheduled_at, locked_until, created_at, rescued, exhausted = rest
+    assert (got_id, got_tenant, job_type, payload) == (
+        job_id,
+        tenant,
+        "ingest_slack",
+        {"channel": "c1"},
+    )
+    assert (priority, attempts, max_attempts, rescued, exhausted) == (3, 1, 5, False, False)
+    assert scheduled_at <= now
+    assert created_at <= now
+    assert locked_until == now + timedelta(seconds=120)
 
 
 def test_a_claim_leaves_jobs_scheduled_in_the_future_until_they_are_due(queue) -> None:

@@ -323,22 +323,24 @@ WARMUP_JOBS = CONCURRENCY
 
 
 def warmup(worker: Any, url: str) -> None:
-    """The container's earlier invocation: WARMUP_JOBS jobs of their own (a higher priority, so
-    that they are claimed before the run's; no `seq`, so the delivery check leaves them out),
-    one batch of them, then their rows deleted: the run finds the queue as a cold one does."""
+    """The container's earlier invocation: WARMUP_JOBS jobs of a tenant of their own (no `seq`,
+    so the delivery check leaves them out), one batch of that tenant's jobs (the event's
+    `tenant_id`), then their rows deleted: the run finds the queue as a cold one does."""
     from handler.runtime.events import parse_event
 
+    tenant = "00000000-0000-4000-8000-0000000000ff"
     conn = benchlib.connect(url)
     try:
         conn.run(
-            "INSERT INTO queue_jobs (tenant_id, job_type, payload, priority)"
-            " SELECT '00000000-0000-4000-8000-000000000000', :job_type,"
-            " jsonb_build_object('warmup', i), 10 FROM generate_series(1, :n) AS i",
+            "INSERT INTO queue_jobs (tenant_id, job_type, payload)"
+            " SELECT CAST(:tenant AS uuid), :job_type, jsonb_build_object('warmup', i)"
+            " FROM generate_series(1, :n) AS i",
+            tenant=tenant,
             job_type=benchlib.JOB_TYPES[0],
             n=WARMUP_JOBS,
         )
         summary, _ = worker.run(
-            parse_event({"max_jobs": WARMUP_JOBS}), remaining_seconds=600, request_id="warmup"
+            parse_event({"tenant_id": tenant}), remaining_seconds=600, request_id="warmup"
         )
         if summary.completed != WARMUP_JOBS:
             raise RuntimeError(f"warm-up: {summary!r}")

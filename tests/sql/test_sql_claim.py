@@ -60,6 +60,30 @@ def test_claim_jobs_returns_each_job_with_its_lease(queue) -> None:
     assert locked_until == now + timedelta(seconds=120)
 
 
+def test_a_claim_hands_over_each_payload_as_postgresql_renders_it(queue) -> None:
+    # Given payloads whose text needs escaping in JSON (quotes, backslashes, control
+    # characters, non-ASCII, a string that looks like JSON, a number past 64 bits)
+    payloads = [
+        {"quote": 'say "hi"', "backslash": "a\\b", "newline": "one\ntwo", "tab": "\t"},
+        {"unicode": "Zoë ☃ 𝄞", "nested": {"list": [1, 2.5, None, True], "empty": {}}},
+        {"looks_like_json": '{"a": 1}', "big": 12345678901234567890},
+    ]
+    ids = [queue.enqueue(payload=payload) for payload in payloads]
+
+    # When a worker claims them
+    claimed = {job.id: job for job in queue.claim()}
+
+    # Then each one's payload is the text PostgreSQL renders for it, character for character,
+    # and reads back as what was enqueued
+    assert set(claimed) == set(ids)
+    for job_id, payload in zip(ids, payloads, strict=True):
+        [(rendered,)] = queue.conn.run(
+            "SELECT payload::text FROM queue_jobs WHERE id = :id", id=job_id
+        )
+        assert claimed[job_id].payload_json == rendered
+        assert json.loads(claimed[job_id].payload_json) == payload
+
+
 def test_a_claim_leaves_jobs_scheduled_in_the_future_until_they_are_due(queue) -> None:
     # Given a job scheduled for later
     later = queue.enqueue(scheduled_at=queue.now() + timedelta(minutes=5))

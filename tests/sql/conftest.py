@@ -8,6 +8,7 @@ Time is never waited for: a lease "expires" or a job becomes "due" by moving `lo
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -55,6 +56,16 @@ def conn(_sql_session: pg8000.native.Connection) -> pg8000.native.Connection:
     for table in _TABLES:
         _sql_session.run(f"DELETE FROM {table}")
     return _sql_session
+
+
+def wait_until_blocked(observer: pg8000.native.Connection, pid: int) -> None:
+    """Returns once backend `pid` waits for a lock that another session holds (polling
+    pg_blocking_pids from `observer`; it never sleeps)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if observer.run("SELECT cardinality(pg_blocking_pids(:pid)) > 0", pid=pid)[0][0]:
+            return
+    pytest.fail(f"backend {pid} never blocked")
 
 
 # The tenant of a job enqueued without one: the same for every session, since a job may depend

@@ -8,7 +8,6 @@ blocked on a lock (it polls pg_blocking_pids; it never sleeps), then lets the fi
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 
 from handler.queue.store import Settlement
+from tests.sql.conftest import wait_until_blocked
 
 
 def _pid(session) -> int:
@@ -25,11 +25,7 @@ def _pid(session) -> int:
 
 def _wait_until_blocked(observer, pid: int) -> None:
     """Returns once backend `pid` waits for a lock that another session holds."""
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if observer.conn.run("SELECT cardinality(pg_blocking_pids(:pid)) > 0", pid=pid)[0][0]:
-            return
-    pytest.fail(f"backend {pid} never blocked")
+    wait_until_blocked(observer.conn, pid)
 
 
 def _blocked_call(

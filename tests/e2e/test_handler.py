@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import traceback
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -145,3 +146,54 @@ def test_an_unmigrated_database_fails_the_invocation_with_one_line_naming_migrat
     finally:
         admin.run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+def _with_role(url: str, role: str) -> str:
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{role}@{host}"))
+
+
+def _with_database(url: str, name: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
+@pytest.mark.parametrize(
+    ("point_at", "says"),
+    [
+        pytest.param(
+            lambda url: _with_database(url, "no_such_database_here"),
+            "no_such_database_here",
+            id="a missing database",
+        ),
+        pytest.param(
+            lambda url: _with_role(url, "no_such_role_here"),
+            "no_such_role_here",
+            id="a missing role",
+        ),
+    ],
+)
+def test_a_database_the_driver_refuses_fails_the_invocation_with_one_structured_line(
+    lambda_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    server_url: str,
+    capsys: pytest.CaptureFixture[str],
+    logs_to_captured_stdout: None,
+    point_at: Callable[[str], str],
+    says: str,
+) -> None:
+    # Given DATABASE_URL naming a database or a role the server does not have
+    monkeypatch.setenv("DATABASE_URL", point_at(server_url))
+    settings.reset_settings_cache()
+
+    # When the Lambda is invoked, then it fails with a configuration error naming it, raised
+    # from the handler itself (no traceback through pg8000), and logs one structured line
+    with pytest.raises(ConfigurationError, match=says) as failure:
+        app.lambda_handler({}, FakeLambdaContext())
+    frames = traceback.extract_tb(failure.value.__traceback__)
+    assert [frame.name for frame in frames[1:]] == ["lambda_handler"]
+    assert "{" not in str(failure.value)  # not pg8000's dict of fields
+    errors = [line for line in log_lines(capsys.readouterr().out) if line["level"] == "ERROR"]
+    assert len(errors) == 1
+    assert says in errors[0]["message"]
+    assert errors[0]["error_kind"] == "configuration"

@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import pg8000.native
 import pytest
@@ -18,6 +19,8 @@ import pytest
 from handler.errors import DatabaseUnavailableError
 from handler.queue.store import QueueStore
 from tests.sql.conftest import wait_until_blocked
+
+T = TypeVar("T")
 
 
 def _pid(conn: pg8000.native.Connection) -> int:
@@ -56,26 +59,39 @@ def test_a_statement_past_the_deadline_is_cancelled_by_the_server_and_leaves_no_
     assert conn.run("SHOW statement_timeout") == [["0"]]
 
 
+def _lose_connection_under(
+    store: QueueStore,
+    call: Callable[[], T],
+    observer: pg8000.native.Connection,
+    locker: pg8000.native.Connection,
+) -> T:
+    """Runs `call` (one statement of `store`, which waits for the locker's lock), kills the
+    store's backend while the statement is on the server, lets the lock go, and returns what
+    `call` returned (or raises what it raised)."""
+    pid = _pid(store.conn)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        running = pool.submit(call)
+        wait_until_blocked(observer, pid)
+        observer.run("SELECT pg_terminate_backend(:pid)", pid=pid)
+        locker.run("ROLLBACK")
+        locker.run("BEGIN")
+        return running.result(timeout=30)
+
+
 def test_a_statement_that_may_have_run_is_not_sent_again_after_a_lost_connection(
     connect: Callable[[], pg8000.native.Connection],
     conn: pg8000.native.Connection,
     locker: pg8000.native.Connection,
 ) -> None:
-    # Given a store that opens its connections itself, its enqueue waiting for the lock
+    # Given a store that opens its connections itself
     store = QueueStore(connect)
-    pid = _pid(store.conn)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        enqueue = pool.submit(store.enqueue, uuid.uuid4(), "ingest_slack", {})
-        wait_until_blocked(conn, pid)
 
-        # When its connection is lost while the statement is on the server, and the lock goes
-        conn.run("SELECT pg_terminate_backend(:pid)", pid=pid)
-        locker.run("ROLLBACK")
-        locker.run("BEGIN")
-
-        # Then the store reports the loss and does not guess: the enqueue is not sent again
-        with pytest.raises(DatabaseUnavailableError, match="may or may not have been applied"):
-            enqueue.result(timeout=30)
+    # When its connection is lost while its enqueue is on the server (waiting for the lock),
+    # then it reports the loss and does not guess: the enqueue is not sent again
+    with pytest.raises(DatabaseUnavailableError, match="may or may not have been applied"):
+        _lose_connection_under(
+            store, lambda: store.enqueue(uuid.uuid4(), "ingest_slack", {}), conn, locker
+        )
     assert conn.run("SELECT count(*) FROM queue_worker.queue_jobs") == [[0]]
 
 
@@ -84,19 +100,12 @@ def test_a_read_is_sent_again_on_a_new_connection_after_a_lost_one(
     conn: pg8000.native.Connection,
     locker: pg8000.native.Connection,
 ) -> None:
-    # Given a store that opens its connections itself, its backlog read waiting for the lock
+    # Given a store that opens its connections itself
     store = QueueStore(connect)
     pid = _pid(store.conn)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        backlog = pool.submit(store.backlog)
-        wait_until_blocked(conn, pid)
 
-        # When its connection is lost while the statement is on the server, and the lock goes
-        conn.run("SELECT pg_terminate_backend(:pid)", pid=pid)
-        locker.run("ROLLBACK")
-        locker.run("BEGIN")
-
-        # Then the read, safe to repeat, is sent again on a new connection and answers
-        assert backlog.result(timeout=30)[0] == 0
+    # When its connection is lost while its backlog read is on the server, then the read, safe
+    # to repeat, is sent again on a new connection and answers
+    assert _lose_connection_under(store, store.backlog, conn, locker)[0] == 0
     assert _pid(store.conn) != pid
     store.close()

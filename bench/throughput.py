@@ -78,7 +78,7 @@ CONTENDERS = {
     "floor": "httpx alone, no queue (the floor)",
 }
 # Not a queue: 50 threads POSTing the same requests as ours through httpx.HTTPTransport, one
-# connection each, with no database at all. What any worker sending through httpx from 50
+# connection each, on one CPU as ours dispatches, with no database at all. What any worker sending through httpx from 50
 # threads could reach on this machine; ours is shown as a share of it.
 FLOOR = "floor"
 PEERS = ("pgqueuer", "procrastinate")
@@ -361,7 +361,8 @@ def run_floor(functions: str, jobs: int) -> dict[str, Any]:
     POSTed from CONCURRENCY threads, each through an httpx.HTTPTransport of its own (one
     connection), with the headers ours sends (Host, Content-Length, Authorization,
     Content-Type, Idempotency-Key, User-Agent, traceparent) and its answer read whole. The
-    threads are started after the clock, as ours starts its lanes."""
+    threads are started after the clock, as ours starts its lanes, and held on one CPU, as ours
+    holds them."""
     import queue
     import random
     import ssl
@@ -369,6 +370,8 @@ def run_floor(functions: str, jobs: int) -> dict[str, Any]:
     import uuid
 
     import httpx
+
+    from handler.dispatch.affinity import one_cpu
 
     requests: queue.SimpleQueue[tuple[httpx.URL, bytes, bytes] | None] = queue.SimpleQueue()
     urls = {t: httpx.URL(f"{functions}/{benchlib.ROUTES[t]}") for t in benchlib.JOB_TYPES}
@@ -418,12 +421,13 @@ def run_floor(functions: str, jobs: int) -> dict[str, Any]:
                     failures.append(f"HTTP {response.status_code}")
 
     clock.begin()
-    threads = [threading.Thread(target=lane) for _ in range(CONCURRENCY)]
-    for thread in threads:
-        thread.start()
-        requests.put(None)
-    for thread in threads:
-        thread.join()
+    with one_cpu():  # as ours holds its dispatch threads on one CPU
+        threads = [threading.Thread(target=lane) for _ in range(CONCURRENCY)]
+        for thread in threads:
+            thread.start()
+            requests.put(None)
+        for thread in threads:
+            thread.join()
     clock.settled()  # the last answer read: where ours would settle
     return clock.result(failures=failures[:5])
 
@@ -1188,7 +1192,8 @@ def report(
         f"- httpx alone (the floor): not a queue. The same requests as ours (its seven "
         f"headers, its body), built before the clock starts, POSTed from {CONCURRENCY} threads "
         "started after it, each through an `httpx.HTTPTransport` of its own (one connection), "
-        "the answer read whole; no database. What a worker sending through httpx from "
+        "the answer read whole, the threads held on one CPU as ours holds its lanes "
+        "(docs/adr/0014-one-cpu-per-batch.md); no database. What a worker sending through httpx from "
         f"{CONCURRENCY} threads could reach on this machine: the bound less the stand-in's own "
         "time and the HTTP stack's CPU under one interpreter lock.",
         "- PgQueuer: `QueueManager` in drain mode, one entrypoint per job type. procrastinate: "

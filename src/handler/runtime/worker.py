@@ -16,6 +16,7 @@ from aws_lambda_powertools.metrics import MetricUnit
 
 from handler.batch.budget import TimeBudget
 from handler.batch.runner import BatchLimits, BatchRunner, Summary
+from handler.dispatch.affinity import one_cpu
 from handler.dispatch.client import Dispatcher
 from handler.dispatch.guard import DeliveryGuard
 from handler.operate.maintenance import PruneReport, prune
@@ -126,7 +127,8 @@ class Worker:
         worker_id = f"{SERVICE}:{request_id}:{uuid.uuid4().hex[:8]}"
         linger = self._linger(invocation, worker_id, shards) if rounds else None
         try:
-            summary = runner.run(worker_id, limits, budget, linger=linger)
+            with one_cpu():  # the dispatch threads' lock hand-overs stay on one CPU
+                summary = runner.run(worker_id, limits, budget, linger=linger)
         finally:
             if linger is not None:
                 linger.release()

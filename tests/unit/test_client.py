@@ -5,6 +5,7 @@ limit, redirects, keep-alive, and the one deadline that bounds a whole call."""
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import socket
 import ssl
@@ -95,6 +96,25 @@ def test_the_request_is_the_dispatch_contract_and_nothing_more(server: ScriptedS
         "User-Agent": "queue-worker",
     }
     assert body == client_module.request_body(job)
+
+
+@pytest.mark.parametrize(
+    "job_type", ["ingest_slack", 'quote"d', "back\\slash", "new\nline", "näive", "emoji \U0001f600"]
+)
+def test_the_body_is_the_compact_json_envelope_whatever_the_job_type(job_type: str) -> None:
+    job = ClaimedJob(uuid.uuid4(), uuid.uuid4(), job_type, '{"a": [1, "x"]}', 3, False)
+    envelope = {
+        "job_id": str(job.id),
+        "tenant_id": str(job.tenant_id),
+        "job_type": job_type,
+        "attempt": 3,
+        "payload": {"a": [1, "x"]},
+    }
+    body = client_module.request_body(job)
+    assert json.loads(body) == envelope
+    # Byte for byte what json.dumps makes of it (ASCII, compact), but the payload's own spacing
+    expected = json.dumps(envelope | {"payload": None}, separators=(",", ":"))
+    assert body == expected.replace("null}", '{"a": [1, "x"]}}').encode()
 
 
 def test_the_calls_trace_context_is_sent_as_given(server: ScriptedServer) -> None:

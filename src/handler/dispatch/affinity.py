@@ -62,9 +62,9 @@ class _Pin:
 
     def acquire(self) -> int | None:
         with self._lock:
+            if self._holders == 0:
+                self._cpu = self._pin()  # counted only once it returned
             self._holders += 1
-            if self._holders == 1:
-                self._cpu = self._pin()
             return self._cpu
 
     def release(self) -> None:

@@ -3,7 +3,7 @@
 Fifty dispatch threads take turns at one interpreter lock, several times per call (each socket
 operation releases it). When those threads are spread over two or more CPUs, every hand-over
 wakes a thread on another CPU: the lock's cache line moves, the waking costs a cross-CPU
-interrupt, and the waiting threads spin through more wake-ups. On one CPU the same hand-overs
+interrupt, and the waiting threads wake more often for nothing. On one CPU the same hand-overs
 are plain context switches. In the throughput benchmark (bench/throughput.py) that took a call's
 CPU from about 1.05 ms to 0.84 ms, and the batch from about 75 % to 83 % of the concurrency bound.
 Nothing of the worker runs in parallel anyway: pg8000 and httpx hold the lock but for their

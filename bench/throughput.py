@@ -78,8 +78,9 @@ CONTENDERS = {
     "floor": "httpx alone, no queue (the floor)",
 }
 # Not a queue: 50 threads POSTing the same requests as ours through httpx.HTTPTransport, one
-# connection each, on one CPU as ours dispatches, with no database at all. What any worker sending through httpx from 50
-# threads could reach on this machine; ours is shown as a share of it.
+# connection each, on one CPU as ours dispatches, with no database at all. What any worker
+# sending through httpx from 50 threads could reach on this machine; ours is shown as a share
+# of it.
 FLOOR = "floor"
 PEERS = ("pgqueuer", "procrastinate")
 # The comparison the targets are about: the peers POSTing through the same package as ours
@@ -1193,9 +1194,9 @@ def report(
         f"headers, its body), built before the clock starts, POSTed from {CONCURRENCY} threads "
         "started after it, each through an `httpx.HTTPTransport` of its own (one connection), "
         "the answer read whole, the threads held on one CPU as ours holds its lanes "
-        "(docs/adr/0014-one-cpu-per-batch.md); no database. What a worker sending through httpx from "
-        f"{CONCURRENCY} threads could reach on this machine: the bound less the stand-in's own "
-        "time and the HTTP stack's CPU under one interpreter lock.",
+        "(docs/adr/0014-one-cpu-per-batch.md); no database. What a worker sending through "
+        f"httpx from {CONCURRENCY} threads could reach on this machine: the bound less the "
+        "stand-in's own time and the HTTP stack's CPU under one interpreter lock.",
         "- PgQueuer: `QueueManager` in drain mode, one entrypoint per job type. procrastinate: "
         "`run_worker_async(wait=False)`, one task per job type. Each peer runs twice, with "
         "each HTTP client it could POST with: `httpx.AsyncClient` 0.28 (the httpx package, as "

@@ -5,11 +5,14 @@ not accepting connections yet, which is tried again a few times first)."""
 
 from __future__ import annotations
 
+import select
 import socket
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pg8000.core
 import pytest
 
 from handler.errors import (
@@ -18,7 +21,7 @@ from handler.errors import (
     DatabaseConfigurationError,
     DatabaseUnavailableError,
 )
-from handler.local import cli
+from handler.local import cli, embedded
 from handler.queue import connection
 
 from .clusters import ADMIN, SECRET_PASSWORD, SECRET_USER, Cluster, ServerCertificate
@@ -147,6 +150,51 @@ def test_an_error_from_the_secret_path_names_the_secret(tls_server: Cluster) -> 
     assert isinstance(error, DatabaseConfigurationError)
     assert error.variable == "DATABASE_SECRET_ARN"
     assert str(error).endswith("check the password in the DATABASE_SECRET_ARN secret")
+
+
+@pytest.fixture(scope="module")
+def unix_socket_url(server_url: str) -> str:
+    """A server reached over a Unix socket: the session's, when it is the embedded one; else an
+    embedded server of this module's own."""
+    if connection.parse_database_url(server_url).unix_socket:
+        return server_url
+    return embedded.start(
+        Path(tempfile.mkdtemp(prefix="queue-worker-unix-")) / "pgdata", temporary=True
+    )
+
+
+@pytest.mark.parametrize(
+    ("database", "user", "sqlstate"),
+    [("no_such_db", None, "3D000"), (None, "nobody_here", "28000")],
+    ids=["a missing database", "a missing role"],
+)
+def test_a_refusal_the_server_closed_on_is_reported_as_the_servers_refusal(
+    unix_socket_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    database: str | None,
+    user: str | None,
+    sqlstate: str,
+) -> None:
+    # Given pg8000 closing a refused startup only once the server has closed its end: pg8000
+    # sends Terminate then, and on a Unix socket that write fails with a broken pipe (left to
+    # the scheduler, the server wins that race about one time in ten)
+    closing = pg8000.core.CoreConnection.close
+
+    def close_after_the_server(self: pg8000.core.CoreConnection) -> None:
+        sock = self._usock
+        while select.select([sock], [], [], 30)[0] and sock.recv(1, socket.MSG_PEEK):
+            pass  # (no data is expected: the refusal has been read)
+        closing(self)
+
+    monkeypatch.setattr(pg8000.core.CoreConnection, "close", close_after_the_server)
+    settings = parse(unix_socket_url)
+    settings = settings.replace(database=database or settings.database, user=user or settings.user)
+
+    # When connecting, then the error is the server's refusal, not a connection lost
+    error = failure(settings)
+
+    assert (error.kind, error.sqlstate) == ("configuration", sqlstate)
+    assert "closed the connection" not in str(error)
 
 
 # --- a server not accepting connections yet (57P03): tried again, a few times ----------------

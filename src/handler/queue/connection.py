@@ -683,6 +683,7 @@ def _attempt(
         )
     except BaseException as exc:
         _close_for_good(sock)
+        exc = _refusal_behind(exc)
         if isinstance(exc, _Failed):
             failed = exc
         elif isinstance(exc, pg8000.native.DatabaseError):
@@ -864,6 +865,22 @@ def _server_failure(exc: pg8000.native.DatabaseError, settings: ConnectionSettin
     return _Failed(
         kind, f"{where}: {said} (SQLSTATE {code})", rank=3, next_method=True, sqlstate=code
     )
+
+
+def _refusal_behind(exc: BaseException) -> BaseException:
+    """The server's refusal, when pg8000 lost it. pg8000 closes a connection whose startup the
+    server refused by sending it a Terminate message; when the server has already closed its end
+    (on a Unix socket, the write then fails at once with a broken pipe), the InterfaceError of
+    that write replaces the server's error, which is left in the exception's context."""
+    refusal: BaseException = exc
+    if isinstance(exc, pg8000.native.InterfaceError):
+        context = exc.__context__
+        for _ in range(4):  # the write's OSError, then the server's error
+            if context is None or isinstance(context, pg8000.native.DatabaseError):
+                refusal = context or exc
+                break
+            context = context.__context__
+    return refusal
 
 
 def _interface_failure(exc: pg8000.native.InterfaceError, settings: ConnectionSettings) -> _Failed:

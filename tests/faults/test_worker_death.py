@@ -20,7 +20,7 @@ from pathlib import Path
 import pg8000.native
 import pytest
 
-from handler.local.standin import StandIn
+from handler.local.standin import ReceivedRequest, StandIn
 
 from .accounting import (
     account,
@@ -40,6 +40,30 @@ HUNG = 10
 FAST = 30
 
 
+def run_and_kill_once_all_sent(
+    worker_env: dict[str, str], standin: StandIn, tmp_path: Path, count: int, **env: str
+) -> list[ReceivedRequest]:
+    """`queue-worker run` in a process of its own, SIGKILLed once the stand-in has received
+    `count` calls; the calls it received."""
+    log = tmp_path / "worker.log"
+    with log.open("wb") as output:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "handler.local.cli", "run", "--budget", "60"],
+            env=os.environ | worker_env | {"HTTP_TIMEOUT_SECONDS": "30"} | env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            received = standin.wait_for_requests(count, timeout=60)
+        except TimeoutError:
+            worker.kill()
+            worker.wait()
+            pytest.fail(f"the worker did not send every job:\n{log.read_text()[-3000:]}")
+        worker.send_signal(signal.SIGKILL)
+        assert worker.wait(30) == -signal.SIGKILL
+    return received
+
+
 @pytest.mark.parametrize("run_mode", ["batch", "rounds"])
 def test_a_worker_killed_mid_batch_loses_nothing_and_repeats_only_calls_in_flight(
     conn: pg8000.native.Connection,
@@ -57,31 +81,9 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_repeats_only_calls_in_fligh
     standin.configure("ingest-slack", {"hang": True})
 
     # When `queue-worker run` has sent all 40 and is SIGKILLed while 10 calls hang
-    log = tmp_path / "worker.log"
-    env = (
-        os.environ
-        | worker_env
-        | {
-            "HTTP_TIMEOUT_SECONDS": "30",
-            "MAX_JOBS_PER_TENANT": "100",
-            "RUN_MODE": run_mode,
-        }
+    first_run = run_and_kill_once_all_sent(
+        worker_env, standin, tmp_path, len(jobs), MAX_JOBS_PER_TENANT="100", RUN_MODE=run_mode
     )
-    with log.open("wb") as output:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "handler.local.cli", "run", "--budget", "60"],
-            env=env,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            first_run = standin.wait_for_requests(len(jobs), timeout=60)
-        except TimeoutError:
-            worker.kill()
-            worker.wait()
-            pytest.fail(f"the worker did not send every job:\n{log.read_text()[-3000:]}")
-        worker.send_signal(signal.SIGKILL)
-        assert worker.wait(30) == -signal.SIGKILL
 
     # Then nothing is lost: what was not settled before the kill is still `processing`
     at_kill = statuses(conn, jobs)
@@ -127,6 +129,47 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_repeats_only_calls_in_fligh
     assert dispatches(requests) == {j: 2 if j in in_flight else 1 for j in jobs}
     for job in in_flight:
         assert attempts_sent(requests, job) == [1, 2]  # the rescue counted the lost attempt
+
+
+def test_a_last_attempt_still_in_flight_when_its_worker_died_waits_for_its_record_to_expire(
+    conn: pg8000.native.Connection,
+    standin: StandIn,
+    worker_env: dict[str, str],
+    run_batch: RunBatch,
+    tmp_path: Path,
+) -> None:
+    # Given 4 jobs with one attempt each, for a function that never answers, and a worker
+    # SIGKILLed while the 4 calls hang: their idempotency records say INPROGRESS
+    tenant = uuid.uuid4()
+    jobs = enqueue_many(conn, tenant, "ingest_slack", 4)
+    conn.run(
+        "UPDATE queue_jobs SET max_attempts = 1 WHERE id = ANY (CAST(:ids AS uuid[]))", ids=jobs
+    )
+    standin.configure("ingest-slack", {"hang": True})
+    run_and_kill_once_all_sent(worker_env, standin, tmp_path, len(jobs))
+    assert set(idempotency_records(conn, jobs).values()) == {"INPROGRESS"}
+
+    # When their leases run out (during their last attempt) while the dead invocation's
+    # in-progress records still stand, and the next batch finds them
+    standin.configure("ingest-slack", None)
+    assert expire_leases(conn) == len(jobs)
+    second, _ = run_batch()
+
+    # Then none is dead-lettered nor sent again: each is left for a later check
+    assert second.claimed == len(jobs)
+    assert (second.dead_lettered, second.completed, second.unsettled) == (0, 0, 0)
+    assert len(standin.requests()) == len(jobs)
+    assert account(conn, jobs) == {"processing": len(jobs)}
+
+    # When the dead invocation's deadline has passed and the check comes round again
+    assert expire_in_progress_records(conn) == len(jobs)
+    expire_leases(conn)
+    third, _ = run_batch()
+
+    # Then, their last attempt having never answered, they are dead-lettered, without a call
+    assert (third.claimed, third.dead_lettered) == (len(jobs), len(jobs))
+    assert len(standin.requests()) == len(jobs)
+    assert account(conn, jobs) == {"dead": len(jobs)}
 
 
 def test_the_deadline_passing_mid_call_ends_the_batch_in_time_with_every_job_back(

@@ -872,15 +872,10 @@ def _refusal_behind(exc: BaseException) -> BaseException:
     server refused by sending it a Terminate message; when the server has already closed its end
     (on a Unix socket, the write then fails at once with a broken pipe), the InterfaceError of
     that write replaces the server's error, which is left in the exception's context."""
-    refusal: BaseException = exc
-    if isinstance(exc, pg8000.native.InterfaceError):
-        context = exc.__context__
-        for _ in range(4):  # the write's OSError, then the server's error
-            if context is None or isinstance(context, pg8000.native.DatabaseError):
-                refusal = context or exc
-                break
-            context = context.__context__
-    return refusal
+    context = exc.__context__ if isinstance(exc, pg8000.native.InterfaceError) else None
+    while context is not None and not isinstance(context, pg8000.native.DatabaseError):
+        context = context.__context__  # the write's OSError, then the server's error
+    return context or exc
 
 
 def _interface_failure(exc: pg8000.native.InterfaceError, settings: ConnectionSettings) -> _Failed:
